@@ -1,0 +1,1 @@
+"""Shared kit: app factory, micro-batcher, HTTP client, models, rewards."""

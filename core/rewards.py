@@ -1,0 +1,138 @@
+"""One reward protocol, a weighted mix, and adapters to the ways verl and TRL call reward functions.
+
+A reward function here is any object with ``name`` and ``__call__(samples) -> list[float]``
+scoring a batch of ``RewardSample``s. The adapters turn one into
+
+* verl's ``compute_score(data_source, solution_str, ground_truth, extra_info=None) -> float``
+  (and the batched keyword form ``compute_score(data_sources=..., solution_strs=..., ...)``
+  that verl's batch reward manager uses), and
+* TRL's ``reward_func(prompts, completions, **dataset_columns) -> list[float]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+log = logging.getLogger(__name__)
+
+GROUND_TRUTH_KEYS = ("ground_truth", "solution", "answer", "answers")
+
+
+@dataclass
+class RewardSample:
+    """One completion to score, with what it is scored against."""
+
+    completion: str
+    ground_truth: Any = None  # a string or a list of acceptable strings
+    prompt: str = ""
+    extra_info: dict = field(default_factory=dict)
+    data_source: str = ""
+
+
+@runtime_checkable
+class RewardFunction(Protocol):
+    """Scores a batch of samples; must not raise for a service failure (score 0.0 or fall back)."""
+
+    name: str
+
+    def __call__(self, samples: Sequence[RewardSample]) -> list[float]: ...
+
+
+def references(ground_truth: Any) -> list[str]:
+    """The acceptable reference strings of a ground truth (a string or a list of them)."""
+    if ground_truth is None:
+        return []
+    if isinstance(ground_truth, str):
+        return [ground_truth]
+    return [str(g) for g in ground_truth]
+
+
+@dataclass
+class MixScores:
+    """Weighted total per sample, and each component's raw scores."""
+
+    total: list[float]
+    components: dict[str, list[float]]
+
+
+class RewardMix:
+    """A weighted sum of reward functions: ``total = Σ weight_i · fn_i(samples)``.
+
+    Args:
+        components: ``{name: {"fn": RewardFunction, "weight": float}}`` (the ``reward:`` config).
+    """
+
+    def __init__(self, components: Mapping[str, Mapping]):
+        if not components:
+            raise ValueError("a reward mix needs at least one component")
+        self.components = {name: (c["fn"], float(c.get("weight", 1.0))) for name, c in components.items()}
+
+    def score(self, samples: Sequence[RewardSample]) -> MixScores:
+        """Every component's scores and the weighted total."""
+        parts = {name: [float(s) for s in fn(samples)] for name, (fn, _w) in self.components.items()}
+        total = [sum(w * parts[name][i] for name, (_fn, w) in self.components.items()) for i in range(len(samples))]
+        return MixScores(total, parts)
+
+    def stats(self) -> dict[str, dict]:
+        """Failure/fallback counters of each component that keeps them."""
+        return {name: dict(getattr(fn, "stats", {})) for name, (fn, _w) in self.components.items()}
+
+
+def verl_compute_score(reward: RewardFunction) -> Callable[..., float | list[float]]:
+    """verl's ``compute_score``: single-sample positional form, or the batched keyword form."""
+
+    def compute_score(data_source=None, solution_str=None, ground_truth=None, extra_info=None, *,
+                      data_sources=None, solution_strs=None, ground_truths=None, extra_infos=None, **_):
+        if solution_strs is not None:
+            return verl_batched(reward)(data_sources, solution_strs, ground_truths, extra_infos)
+        sample = RewardSample(solution_str or "", ground_truth, "", dict(extra_info or {}), data_source or "")
+        return float(reward([sample])[0])
+
+    compute_score.__name__ = f"{reward.name}_compute_score"
+    return compute_score
+
+
+def verl_batched(reward: RewardFunction) -> Callable[..., list[float]]:
+    """verl's batched form: ``compute_score(data_sources, solution_strs, ground_truths, extra_infos=None)``."""
+
+    def compute_score_batched(data_sources, solution_strs, ground_truths, extra_infos=None, **_):
+        n = len(solution_strs)
+        samples = [RewardSample(solution_strs[i], ground_truths[i] if ground_truths is not None else None, "",
+                                dict((extra_infos[i] if extra_infos is not None else None) or {}),
+                                data_sources[i] if data_sources is not None else "")
+                   for i in range(n)]
+        return [float(s) for s in reward(samples)]
+
+    compute_score_batched.__name__ = f"{reward.name}_compute_score_batched"
+    return compute_score_batched
+
+
+def _text(item: Any) -> str:
+    """A completion or prompt as text: TRL passes strings, or message lists for chat datasets."""
+    if isinstance(item, str):
+        return item
+    if isinstance(item, Sequence) and item and isinstance(item[-1], Mapping):
+        return str(item[-1].get("content", ""))
+    return str(item)
+
+
+def trl_reward_func(reward: RewardFunction) -> Callable[..., list[float]]:
+    """TRL's ``reward_func(prompts, completions, **kwargs)``; the ground truth comes from the
+    first dataset column named ``ground_truth``, ``solution``, ``answer`` or ``answers``, and an
+    ``extra_info`` column (dicts) is passed through."""
+
+    def reward_func(prompts=None, completions=None, **kwargs) -> list[float]:
+        completions = list(completions or [])
+        key = next((k for k in GROUND_TRUTH_KEYS if kwargs.get(k) is not None), None)
+        truths = kwargs[key] if key else [None] * len(completions)
+        infos = kwargs.get("extra_info") or [None] * len(completions)
+        prompts = prompts or [""] * len(completions)
+        samples = [RewardSample(_text(c), truths[i], _text(prompts[i]), dict(infos[i] or {}))
+                   for i, c in enumerate(completions)]
+        return [float(s) for s in reward(samples)]
+
+    reward_func.__name__ = reward.name  # TRL logs each reward under its function's name
+    return reward_func

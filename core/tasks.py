@@ -1,0 +1,27 @@
+"""Run the task a composed config names: seed everything, then call ``cfg.task._target_(cfg)``."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import numpy as np
+import torch
+from hydra.utils import get_method
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_task(cfg: DictConfig):
+    """Seed, then hand the whole config to the task function (no name-based dispatch)."""
+    seed_everything(int(cfg.seed))
+    task = get_method(cfg.task._target_)
+    return task(cfg)

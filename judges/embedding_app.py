@@ -1,0 +1,126 @@
+"""``service=embedding``: a TEI-compatible (and OpenAI-compatible) embedding server.
+
+Routes, as Hugging Face Text Embeddings Inference answers them:
+
+* ``POST /embed`` ``{inputs: str | [str], normalize=true, truncate=false, truncation_direction,
+  dimensions}`` → ``[[float, ...], ...]``
+* ``GET /info`` → model facts (``model_id``, ``max_input_length``, ``max_client_batch_size`` …)
+* ``POST /v1/embeddings`` (OpenAI) ``{input, model, encoding_format: float|base64, dimensions}``
+* ``GET /health``, ``GET /metrics`` (shared kit)
+
+Concurrent requests are merged into one forward pass by the micro-batcher.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from typing import Literal
+
+import numpy as np
+from fastapi import FastAPI
+from hydra.utils import instantiate
+from pydantic import BaseModel, PositiveInt, StrictBool
+
+from core.app import ServerSettings, check_batch_size, create_app
+from core.batcher import MicroBatcher
+from core.errors import APIError
+from core.serving import serve
+from judges.embedding_engine import EmbeddingEngine, finish_vectors
+
+log = logging.getLogger(__name__)
+
+
+class EmbedRequest(BaseModel):
+    """TEI's ``/embed`` body."""
+
+    inputs: str | list[str]
+    normalize: StrictBool = True
+    truncate: StrictBool = False
+    truncation_direction: Literal["Left", "Right", "left", "right"] = "Right"
+    prompt_name: str | None = None
+    dimensions: PositiveInt | None = None
+
+
+class OpenAIEmbeddingRequest(BaseModel):
+    """OpenAI's ``/v1/embeddings`` body."""
+
+    input: str | list[str]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: PositiveInt | None = None
+    user: str | None = None
+
+
+def embedding_app(engine: EmbeddingEngine, settings: ServerSettings, max_batch_size: int = 64,
+                  max_wait_ms: float = 5.0) -> FastAPI:
+    """The FastAPI app serving ``engine``."""
+    app = create_app("embedding", settings, metrics_namespace="embedding",
+                     health=lambda: {"model": engine.name, "device": str(engine.device)})
+    metrics = app.state.metrics
+    texts_total = metrics.counter("texts_embedded", "texts that went through the model")
+    batch_items = metrics.histogram("batch_items", "texts per model call", (1, 2, 4, 8, 16, 32, 64, 128, 256))
+
+    def on_batch(n: int) -> None:
+        texts_total.inc(n)
+        batch_items.observe(n)
+
+    def run_batch(texts: list[str], direction: str) -> list[np.ndarray]:
+        return list(engine.embed(texts, normalize=False, truncate=True, truncation_direction=direction))
+
+    batcher = MicroBatcher(run_batch, max_batch_size, max_wait_ms, on_batch=on_batch)
+    app.state.batcher = batcher
+    app.state.shutdown_hooks.append(batcher.close)
+
+    async def embed(texts: list[str], normalize: bool, truncate: bool, direction: str,
+                    dimensions: int | None, prompt_name: str | None) -> np.ndarray:
+        check_batch_size(len(texts), settings, "inputs")
+        if prompt_name is not None:
+            raise APIError(422, f"prompt_name {prompt_name!r} is not defined for model {engine.name}")
+        if dimensions is not None and dimensions > engine.dimension:
+            raise APIError(422, f"dimensions {dimensions} > model dimension {engine.dimension}")
+        if not truncate:
+            lengths = engine.count_tokens(texts)
+            worst = max(range(len(texts)), key=lengths.__getitem__)
+            if lengths[worst] > engine.max_input_length:
+                raise APIError(413, f"input {worst} has {lengths[worst]} tokens, more than the maximum "
+                                    f"{engine.max_input_length}; send truncate=true to cut it", "validation")
+        vectors = await batcher.submit(texts, key=direction.lower())
+        return finish_vectors(np.stack(vectors), normalize, dimensions)
+
+    @app.post("/embed")
+    async def _embed(req: EmbedRequest):
+        texts = [req.inputs] if isinstance(req.inputs, str) else req.inputs
+        vectors = await embed(texts, req.normalize, req.truncate, req.truncation_direction,
+                              req.dimensions, req.prompt_name)
+        return vectors.tolist()
+
+    @app.get("/info")
+    async def _info():
+        return {**engine.info(), "max_client_batch_size": settings.max_batch_items,
+                "max_concurrent_requests": settings.max_concurrency}
+
+    @app.post("/v1/embeddings")
+    async def _openai_embeddings(req: OpenAIEmbeddingRequest):
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        if req.model is not None and req.model != engine.name:
+            raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{engine.name}`",
+                           "not_found")
+        vectors = await embed(texts, True, True, "right", req.dimensions, None)
+        data = []
+        for i, vec in enumerate(vectors):
+            value = (base64.b64encode(vec.astype("<f4").tobytes()).decode()
+                     if req.encoding_format == "base64" else vec.tolist())
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        tokens = sum(engine.count_tokens(texts))
+        return {"object": "list", "data": data, "model": engine.name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    return app
+
+
+def run(cfg) -> None:
+    """Entry point of ``python run.py service=embedding``."""
+    engine = instantiate(cfg.engine)
+    settings = ServerSettings.from_config(cfg.server)
+    serve(embedding_app(engine, settings, **cfg.batching), settings)

@@ -1,0 +1,112 @@
+"""In-process sentence embeddings with sentence-transformers (the model behind ``service=embedding``)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from core.models import device_for, model_label, resolve_path, torch_dtype
+
+
+class InputTooLong(ValueError):
+    """An input exceeds the model's maximum length and truncation was not allowed."""
+
+
+def finish_vectors(vectors: np.ndarray, normalize: bool, dimensions: int | None) -> np.ndarray:
+    """Keep the first ``dimensions`` components (Matryoshka-style), then L2-normalise if asked."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if dimensions is not None:
+        vectors = vectors[:, :dimensions]
+    if normalize:
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return vectors
+
+
+class EmbeddingEngine:
+    """Embeds texts with a sentence-transformers model.
+
+    Args:
+        model: a model config node; ``name_or_path`` is a hub id or path
+            (``sentence-transformers/all-MiniLM-L6-v2`` resolves to the packaged copy).
+        gpus: 0 for the CPU, otherwise ``cuda``.
+        max_batch_size: texts per forward pass.
+    """
+
+    def __init__(self, model: Mapping, gpus: int = 0, max_batch_size: int = 32):
+        from sentence_transformers import SentenceTransformer
+
+        self.device = device_for(gpus)
+        name = model.get("name_or_path")
+        if not name:
+            raise ValueError("an embedding model needs `name_or_path` (e.g. sentence-transformers/all-MiniLM-L6-v2)")
+        self.name = model_label(model)
+        self.model = SentenceTransformer(resolve_path(name), device=str(self.device),
+                                         model_kwargs={"dtype": torch_dtype(model.get("dtype"), self.device)})
+        self.tokenizer = self.model.tokenizer
+        self.max_input_length = int(self.model.max_seq_length)
+        self.dimension = int(self.model.get_embedding_dimension())
+        self.max_batch_size = max_batch_size
+        self.forward_calls = 0
+        self._lock = threading.Lock()
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens per text, special tokens included (what the model's length limit counts)."""
+        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+
+    def _truncate_left(self, texts: Sequence[str], lengths: list[int]) -> list[str]:
+        keep = self.max_input_length - 2  # room for [CLS] and [SEP]
+        out = []
+        for text, n in zip(texts, lengths):
+            if n <= self.max_input_length:
+                out.append(text)
+            else:
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][-keep:]
+                out.append(self.tokenizer.decode(ids))
+        return out
+
+    def embed(
+        self,
+        texts: Sequence[str],
+        normalize: bool = True,
+        truncate: bool = True,
+        truncation_direction: str = "right",
+        dimensions: int | None = None,
+    ) -> np.ndarray:
+        """A ``(len(texts), dim)`` float32 array of embeddings.
+
+        Raises ``InputTooLong`` when ``truncate`` is false and a text exceeds the model's limit.
+        """
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, dimensions or self.dimension), dtype=np.float32)
+        if dimensions is not None and not 0 < dimensions <= self.dimension:
+            raise ValueError(f"dimensions must be in [1, {self.dimension}], got {dimensions}")
+        lengths = self.count_tokens(texts)
+        if not truncate:
+            too_long = [i for i, n in enumerate(lengths) if n > self.max_input_length]
+            if too_long:
+                i = too_long[0]
+                raise InputTooLong(f"input {i} has {lengths[i]} tokens, more than the maximum "
+                                   f"{self.max_input_length}; send truncate=true to cut it")
+        elif truncation_direction.lower() == "left":
+            texts = self._truncate_left(texts, lengths)
+        with self._lock:
+            vectors = self.model.encode(texts, batch_size=self.max_batch_size, convert_to_numpy=True,
+                                        normalize_embeddings=False, show_progress_bar=False)
+            self.forward_calls += 1
+        return finish_vectors(vectors, normalize, dimensions)
+
+    def info(self) -> dict:
+        """Model facts in the shape of TEI's ``GET /info``."""
+        return {
+            "model_id": self.name,
+            "model_sha": None,
+            "model_dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "model_type": {"embedding": {"pooling": "mean"}},
+            "max_input_length": self.max_input_length,
+            "max_batch_tokens": self.max_input_length * self.max_batch_size,
+            "max_client_batch_size": self.max_batch_size,
+            "dimension": self.dimension,
+        }

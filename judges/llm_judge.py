@@ -1,0 +1,101 @@
+"""LLM-as-a-judge reward (seed 003): a generator model grades each completion against its references.
+
+For every (completion, reference) pair the judge prompt is rendered from a template, the
+generator replies, and ``REWARD: <score>`` is read from the reply (thinking blocks removed,
+clamped to [0, 1]). A completion's score is its best score over the references. When the
+generation server fails the pair scores 0.0 (never an exception into the trainer) and the
+failure is counted in ``stats`` and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+
+from core.errors import ServiceError
+from core.generation import SamplingParams
+from core.generation_client import GenerationClient
+from core.http import chunks
+from core.rewards import RewardSample, references
+from judges.prompts import parse_reward, render, resolve_template
+from judges.references import filter_references
+
+log = logging.getLogger(__name__)
+
+
+class LLMJudgeReward:
+    """Scores completions with a judge model.
+
+    Args:
+        generator: a ``GenerationEngine`` (in-process) or ``GenerationClient`` (OpenAI-compatible server).
+        prompt_template: ``default``, ``detailed`` or a custom string with the placeholders.
+        temperature, top_p, max_new_tokens, enable_thinking: the judge's sampling (seed defaults).
+        batch_size: judge prompts sent per generator call.
+
+    Per-sample ``extra_info`` may override every argument above and ``server_url``, ``api_key``,
+    ``timeout``, ``model_name``; ``problem`` fills ``{PROBLEM}`` (else the prompt is used).
+    """
+
+    name = "llm_judge"
+
+    def __init__(self, generator, prompt_template: str = "default", temperature: float = 0.7,
+                 top_p: float = 0.8, max_new_tokens: int = 512, enable_thinking: bool = False,
+                 batch_size: int = 128):
+        resolve_template(prompt_template)  # refuse an unknown template before any scoring
+        self.generator = generator
+        self.defaults = {"prompt_template": prompt_template, "temperature": float(temperature),
+                         "top_p": float(top_p), "max_new_tokens": int(max_new_tokens),
+                         "enable_thinking": bool(enable_thinking), "batch_size": int(batch_size)}
+        self._clients: dict[tuple, GenerationClient] = {}
+        self.stats = {"samples": 0, "judge_calls": 0, "requests_failed": 0, "parse_failures": 0}
+
+    def _generator_for(self, info: dict):
+        if not info.get("server_url"):
+            return self.generator
+        key = (info["server_url"], info.get("api_key"), info.get("timeout"), info.get("model_name"))
+        if key not in self._clients:
+            self._clients[key] = GenerationClient(info["server_url"], api_key=info.get("api_key"),
+                                                  timeout=float(info.get("timeout") or 60.0),
+                                                  model_name=info.get("model_name"))
+        return self._clients[key]
+
+    def __call__(self, samples: Sequence[RewardSample]) -> list[float]:
+        # (generator, sampling settings) -> [(sample index, judge prompt)]
+        groups: dict[tuple, list[tuple[int, str]]] = defaultdict(list)
+        generators = {}
+        for i, s in enumerate(samples):
+            opts = {k: s.extra_info.get(k, v) for k, v in self.defaults.items()}
+            generator = self._generator_for(s.extra_info)
+            generators[id(generator)] = generator
+            key = (id(generator), float(opts["temperature"]), float(opts["top_p"]), int(opts["max_new_tokens"]),
+                   bool(opts["enable_thinking"]), int(opts["batch_size"]))
+            problem = str(s.extra_info.get("problem") or s.prompt or "")
+            for ref in filter_references(references(s.ground_truth), s.extra_info):
+                groups[key].append((i, render(opts["prompt_template"], problem, ref, s.completion)))
+        scores = [0.0] * len(samples)
+        for (gid, temperature, top_p, max_tokens, thinking, batch_size), pairs in groups.items():
+            params = SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+            for part in chunks(pairs, batch_size):
+                for i, score in zip([i for i, _ in part], self._judge(generators[gid], part, params, thinking)):
+                    scores[i] = max(scores[i], score)
+        self.stats["samples"] += len(samples)
+        return scores
+
+    def _judge(self, generator, part, params: SamplingParams, thinking: bool) -> list[float]:
+        conversations = [[{"role": "user", "content": prompt}] for _, prompt in part]
+        self.stats["judge_calls"] += len(conversations)
+        try:
+            replies = generator.chat(conversations, params, enable_thinking=thinking)
+        except ServiceError as exc:
+            self.stats["requests_failed"] += 1
+            log.warning("LLM judge server failed (%s); scoring %d pairs 0.0", exc, len(part))
+            return [0.0] * len(part)
+        scores = []
+        for reply in replies:
+            score = parse_reward(reply[0].text)
+            if score is None:
+                self.stats["parse_failures"] += 1
+                score = 0.0
+            scores.append(score)
+        return scores

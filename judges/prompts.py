@@ -1,0 +1,77 @@
+"""Judge prompt templates and the ``REWARD: <score>`` answer format (seed 003)."""
+
+from __future__ import annotations
+
+import re
+
+PLACEHOLDERS = ("{PROBLEM}", "{REFERENCE_SOLUTION}", "{CANDIDATE_SOLUTION}")
+
+TEMPLATES = {
+    "default": (
+        "You are grading a candidate solution against a reference solution.\n\n"
+        "Problem:\n{PROBLEM}\n\n"
+        "Reference solution:\n{REFERENCE_SOLUTION}\n\n"
+        "Candidate solution:\n{CANDIDATE_SOLUTION}\n\n"
+        "How well does the candidate match the reference in meaning and correctness? "
+        "Answer with a single line `REWARD: <score>`, where <score> is a number between 0 and 1."
+    ),
+    "detailed": (
+        "You are an expert evaluator. Compare the candidate solution with the reference solution.\n\n"
+        "Problem:\n{PROBLEM}\n\n"
+        "Reference solution:\n{REFERENCE_SOLUTION}\n\n"
+        "Candidate solution:\n{CANDIDATE_SOLUTION}\n\n"
+        "Work through these steps:\n"
+        "1. State the key result and reasoning of the reference.\n"
+        "2. Check whether the candidate reaches the same result.\n"
+        "3. Note any errors, omissions or unsupported claims in the candidate.\n"
+        "4. Weigh correctness first, then completeness, then clarity.\n\n"
+        "End with a final line `REWARD: <score>`, where <score> is a number between 0 and 1 "
+        "(1 = fully equivalent and correct, 0 = wrong or unrelated)."
+    ),
+}
+
+_REWARD = re.compile(r"REWARD\s*[:=]\s*\**\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))", re.IGNORECASE)
+_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
+
+
+def resolve_template(template: str) -> str:
+    """A template by name (``default``, ``detailed``), or a custom template string.
+
+    A custom template must contain ``{CANDIDATE_SOLUTION}`` and ``{REFERENCE_SOLUTION}``;
+    anything else is refused with the valid choices, rather than silently judged wrong.
+    """
+    if template in TEMPLATES:
+        return TEMPLATES[template]
+    if "{CANDIDATE_SOLUTION}" in template and "{REFERENCE_SOLUTION}" in template:
+        return template
+    raise ValueError(f"unknown prompt template {template[:60]!r}: use one of {', '.join(TEMPLATES)}, "
+                     f"or a template string containing {', '.join(PLACEHOLDERS)}")
+
+
+def render(template: str, problem: str, reference: str, candidate: str) -> str:
+    """Fill the placeholders (plain replacement, so other braces in a custom template are kept)."""
+    return (resolve_template(template).replace("{PROBLEM}", problem)
+            .replace("{REFERENCE_SOLUTION}", reference).replace("{CANDIDATE_SOLUTION}", candidate))
+
+
+def strip_thinking(text: str) -> str:
+    """Remove ``<think>…</think>`` blocks; text before a lone ``</think>`` is thinking too
+    (templates that open the block in the prompt leave only the closing tag in the reply)."""
+    text = _THINK_BLOCK.sub("", text)
+    if "</think>" in text.lower():
+        text = text[text.lower().rindex("</think>") + len("</think>"):]
+    return text
+
+
+def parse_reward(text: str) -> float | None:
+    """The last ``REWARD: x`` in the reply (thinking removed), clamped to [0, 1]; None if absent.
+
+    >>> parse_reward("<think>REWARD: 0.1</think> The answers agree. REWARD: 0.9")
+    0.9
+    >>> parse_reward("REWARD: 7")
+    1.0
+    """
+    found = _REWARD.findall(strip_thinking(text))
+    if not found:
+        return None
+    return min(1.0, max(0.0, float(found[-1])))

@@ -1,0 +1,1 @@
+"""How jobs leave this process: command builders for external servers (vLLM, TEI)."""
