@@ -24,6 +24,8 @@ from core.tracking import open_tracker
 
 log = logging.getLogger(__name__)
 
+FAILURE_KEYS = ("requests_failed", "fallback_samples", "parse_failures")
+
 
 def load_rows(path: str | None, limit: int | None = None) -> list[dict]:
     """Rows of a JSONL file (``None``: the bundled sample)."""
@@ -88,12 +90,12 @@ def run(cfg) -> dict:
         if "by_kind" in summary:
             console.print(_table("Mean reward by kind", "kind", list(summary["by_kind"].items()), names))
         for name, stats in summary["failures"].items():
-            failed = {k: v for k, v in stats.items() if k != "samples" and k != "judge_calls" and v}
+            failed = {k: v for k, v in stats.items() if k in FAILURE_KEYS and v}
             if failed:
-                console.print(f"[yellow]{name}[/yellow]: {failed} of {stats.get('samples')} samples "
-                              "(a tiny random judge cannot write `REWARD: x`; use a real model or judge=remote)"
-                              if name == "llm_judge" and "parse_failures" in failed else
-                              f"[yellow]{name}[/yellow]: {failed}")
+                console.print(f"[yellow]{name}[/yellow] failures: {failed} (of {stats['samples']} samples)")
+        if summary["failures"].get("llm_judge", {}).get("parse_failures"):
+            console.print("the judge wrote no `REWARD: x` for some samples; a tiny random judge never does: "
+                          "use a real one (model@judge.model=..., or judge=remote)")
         console.print(f"outputs in {out_dir}")
         return summary
     finally:

@@ -112,8 +112,10 @@ class GenerationEngine:
         enc.pop("token_type_ids", None)  # BERT-style tokenizers add them; causal LMs reject them
         enc = enc.to(self.device)
         sampling = params.temperature > 0
+        # Greedy decoding gives the same sequence n times (as vLLM does); generate it once.
+        per_prompt = params.n if sampling else 1
         kwargs = {"do_sample": sampling, "max_new_tokens": params.max_tokens,
-                  "num_return_sequences": params.n, "pad_token_id": self.tokenizer.pad_token_id}
+                  "num_return_sequences": per_prompt, "pad_token_id": self.tokenizer.pad_token_id}
         if sampling:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
         with self._lock:
@@ -129,4 +131,5 @@ class GenerationEngine:
             finished = eos in ids
             text = self.tokenizer.decode(ids[:length], skip_special_tokens=True)
             completions.append(Completion(text, "stop" if finished else "length", length))
-        return [completions[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
+        groups = [completions[i * per_prompt:(i + 1) * per_prompt] for i in range(len(prompts))]
+        return [group * (params.n // per_prompt) for group in groups]

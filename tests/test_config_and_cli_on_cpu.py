@@ -1,0 +1,146 @@
+"""conf/ composes in every combination users reach for, and run.py does what the README says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from conftest import JUDGE_KEY, ROOT, free_port, run_cli
+from core.rewards import RewardMix
+
+CONF = ROOT / "conf"
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "reward_component")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_resolves(group, option):
+    cfg = composed(f"{group}={option}")
+    OmegaConf.resolve(cfg)  # every interpolation (env defaults included) resolves
+    assert cfg.task._target_
+    assert cfg.server.host == "127.0.0.1"
+
+
+def test_real_model_configs_keep_the_hub_loading_path():
+    for name, hub_id in [("qwen3-32b", "Qwen/Qwen3-32B"), ("qwen2.5-3b", "Qwen/Qwen2.5-3B-Instruct"),
+                         ("qwen3-embedding-8b", "Qwen/Qwen3-Embedding-8B")]:
+        assert composed(f"model={name}").model.name_or_path == hub_id
+
+
+def test_remote_reward_mix_instantiates_with_env_urls(monkeypatch):
+    monkeypatch.setenv("LLM_JUDGE_SERVER_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("LLM_JUDGE_SERVER_TIMEOUT", "7")
+    monkeypatch.setenv("EMBEDDING_SERVER_URL", "http://127.0.0.1:10")
+    cfg = composed("experiment=remote_rewards", "reward.components.embedding.weight=0.25")
+    mix = instantiate(cfg.reward)
+    assert isinstance(mix, RewardMix) and list(mix.components) == ["exact_match", "embedding", "llm_judge"]
+    judge, _ = mix.components["llm_judge"]
+    embedding, weight = mix.components["embedding"]
+    assert judge.generator.url == "http://127.0.0.1:9" and judge.generator.http.timeout == 7.0
+    assert embedding.embedder.url == "http://127.0.0.1:10" and weight == 0.25
+
+
+def test_local_reward_mix_and_service_engines_instantiate():
+    cfg = composed()
+    mix = instantiate(cfg.reward)
+    assert type(mix.components["llm_judge"][0].generator).__name__ == "GenerationEngine"
+    assert type(mix.components["embedding"][0].embedder).__name__ == "EmbeddingEngine"
+    engine = instantiate(composed("service=llm_judge").engine)
+    assert engine.name == "tiny-qwen2" and engine.device.type == "cpu"
+
+
+def test_help_lists_the_groups():
+    out = run_cli("--help", timeout=120).stdout
+    for group in ("service", "model", "judge", "embedder", "reward", "logger", "check", "launch", "experiment"):
+        assert f"{group}:" in out
+    assert "embedding, llm_judge" in out
+
+
+def test_cfg_job_prints_the_resolved_service_config():
+    result = run_cli("--cfg", "job", "--resolve", "service=embedding", env={"EMBEDDING_SERVER_PORT": "9123"},
+                     timeout=120)
+    cfg = OmegaConf.create(result.stdout)
+    assert cfg.task._target_ == "judges.embedding_app.run"
+    assert cfg.server.port == 9123 and cfg.server.host == "127.0.0.1"
+    assert cfg.model.name_or_path == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_default_run_writes_scores_and_summary(tmp_path):
+    result = run_cli("logger=none", f"hydra.run.dir={tmp_path}", "reward.components.llm_judge.fn.max_new_tokens=8",
+                     timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "Mean reward by kind" in result.stdout
+    rows = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(rows) == summary["n"] == 15
+    kinds = summary["by_kind"]
+    assert kinds["exact"]["exact_match"] == 1.0 and kinds["paraphrase"]["exact_match"] == 0.0
+    assert kinds["exact"]["embedding"] > kinds["paraphrase"]["embedding"] > kinds["unrelated"]["embedding"] + 0.15
+    assert all(r["total"] == pytest.approx(r["exact_match"] + r["embedding"] + r["llm_judge"]) for r in rows)
+    assert (tmp_path / ".hydra" / "config.yaml").exists()
+
+
+def test_default_run_logs_to_offline_wandb(tmp_path):
+    result = run_cli(f"hydra.run.dir={tmp_path}", "evaluation.limit=2", "reward=embedding", timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_check_reports_a_healthy_judge(judge_server):
+    result = run_cli("check=judge", f"judge.url={judge_server.url}", "reward.components.llm_judge.fn.max_new_tokens=8",
+                     env={"LLM_JUDGE_SERVER_API_KEY": JUDGE_KEY}, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert "OK" in result.stdout and "tiny-qwen2" in result.stdout and "test_score" in result.stdout
+
+
+def test_check_reports_a_healthy_embedding_server(embedding_server):
+    result = run_cli("check=embedding", f"embedder.url={embedding_server.url}", timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert "all-MiniLM-L6-v2" in result.stdout and "score_ms" in result.stdout
+
+
+def test_check_explains_unreachable_and_bad_key(judge_server):
+    down = run_cli("check=judge", f"judge.url=http://127.0.0.1:{free_port()}", timeout=120)
+    assert down.returncode == 1 and "cannot reach" in down.stdout and "LLM_JUDGE_SERVER_URL" in down.stdout
+    wrong = run_cli("check=judge", f"judge.url={judge_server.url}", "judge.api_key=wrong", timeout=120)
+    assert wrong.returncode == 1 and "refused the API key" in wrong.stdout
+
+
+def test_launch_commands_come_from_the_model_config():
+    from launchers.commands import tei_commands, vllm_commands
+
+    vllm = vllm_commands({"name_or_path": "Qwen/Qwen3-32B", "dtype": "bfloat16", "max_model_len": 32768},
+                         gpus=4, host="0.0.0.0", port=8000, api_key_env="LLM_JUDGE_SERVER_API_KEY")
+    assert vllm["python"].startswith("python -m vllm.entrypoints.openai.api_server --model Qwen/Qwen3-32B")
+    assert "--tensor-parallel-size 4" in vllm["python"] and "--tensor-parallel-size 4" in vllm["docker"]
+    assert '--api-key "$LLM_JUDGE_SERVER_API_KEY"' in vllm["docker"] and "--gpus all" in vllm["docker"]
+    tei = tei_commands({"name_or_path": "Qwen/Qwen3-Embedding-8B", "dtype": "bfloat16"}, gpus=0, port=8080,
+                       api_key_env=None)
+    assert "text-embeddings-inference:cpu-latest" in tei["docker"] and "--gpus" not in tei["docker"]
+    assert "--model-id Qwen/Qwen3-Embedding-8B" in tei["binary"] and "--api-key" not in tei["binary"]
+    with pytest.raises(ValueError, match="real models"):
+        vllm_commands({"name_or_path": None}, gpus=1, host="h", port=1, api_key_env=None)
+
+
+def test_launch_cli_prints_both_forms():
+    out = run_cli("launch=vllm", "model=qwen3-32b", "gpus=2", timeout=120).stdout
+    assert "# vllm (python)" in out and "# vllm (docker)" in out and "--tensor-parallel-size 2" in out
+    assert "export LLM_JUDGE_SERVER_URL=http://127.0.0.1:8000" in out
+
+
+def test_outputs_dir_is_ignored_except_its_readme():
+    ignore = (ROOT / ".gitignore").read_text()
+    assert "/outputs/*" in ignore and Path(ROOT / "outputs" / "README.md").exists()

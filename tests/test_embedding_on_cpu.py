@@ -1,0 +1,223 @@
+"""Embedding reward (seed 004) and the TEI-compatible server, with the real MiniLM on loopback."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import free_port
+from core.rewards import RewardSample, trl_reward_func, verl_batched, verl_compute_score
+from judges.embedding_client import EmbeddingClient
+from judges.embedding_reward import EmbeddingSimilarityReward, length_factor, lexical_similarity
+
+PAIRS = [
+    ("The cat is sleeping on the sofa.", "A cat naps on the couch.", "Stock markets fell sharply on Monday."),
+    ("How do I reset my password?", "What are the steps to change my password?", "The recipe needs two eggs."),
+    ("The weather is sunny and warm today.", "It is a bright, hot day.", "He plays the violin in an orchestra."),
+]
+
+
+@pytest.fixture(scope="module")
+def client(embedding_server):
+    return EmbeddingClient(embedding_server.url, timeout=30)
+
+
+def test_tei_embed_shapes(embedding_server):
+    single = httpx.post(f"{embedding_server.url}/embed", json={"inputs": "hello world"}).json()
+    assert len(single) == 1 and len(single[0]) == 384  # TEI answers a list of vectors, even for one input
+    assert math.isclose(float(np.linalg.norm(single[0])), 1.0, rel_tol=1e-4)
+    # MiniLM's own pipeline ends in a Normalize layer, so cutting to 8 dimensions shows the switch:
+    raw = httpx.post(f"{embedding_server.url}/embed",
+                     json={"inputs": ["a", "b", "c"], "normalize": False, "dimensions": 8}).json()
+    unit = httpx.post(f"{embedding_server.url}/embed",
+                      json={"inputs": ["a", "b", "c"], "normalize": True, "dimensions": 8}).json()
+    assert len(raw) == 3 and len(raw[0]) == 8
+    assert float(np.linalg.norm(raw[0])) < 0.9
+    assert math.isclose(float(np.linalg.norm(unit[0])), 1.0, rel_tol=1e-4)
+    assert np.allclose(np.asarray(raw[0]) / np.linalg.norm(raw[0]), unit[0], atol=1e-5)
+
+
+def test_tei_info_and_health(embedding_server):
+    info = httpx.get(f"{embedding_server.url}/info").json()
+    assert info["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert info["max_input_length"] == 256 and info["max_client_batch_size"] == 32
+    assert info["model_type"] == {"embedding": {"pooling": "mean"}}
+    assert httpx.get(f"{embedding_server.url}/health").json()["status"] == "ok"
+
+
+def test_truncation_rules(embedding_server):
+    long_text = "word " * 600
+    refused = httpx.post(f"{embedding_server.url}/embed", json={"inputs": [long_text]})
+    assert refused.status_code == 413 and "truncate=true" in refused.json()["error"]
+    right = httpx.post(f"{embedding_server.url}/embed", json={"inputs": long_text, "truncate": True}).json()
+    left = httpx.post(f"{embedding_server.url}/embed",
+                      json={"inputs": "tail end " + long_text + " the final words here", "truncate": True,
+                            "truncation_direction": "Left"}).json()
+    assert len(right[0]) == 384 and len(left[0]) == 384
+    assert not np.allclose(right[0], left[0])
+
+
+def test_openai_embeddings_with_official_client(embedding_server):
+    import openai
+
+    oc = openai.OpenAI(base_url=f"{embedding_server.url}/v1", api_key="unused")
+    result = oc.embeddings.create(model="sentence-transformers/all-MiniLM-L6-v2", input=["one", "two"])
+    assert [d.index for d in result.data] == [0, 1] and len(result.data[0].embedding) == 384
+    tei = httpx.post(f"{embedding_server.url}/embed", json={"inputs": ["one"]}).json()[0]
+    assert np.allclose(result.data[0].embedding, tei, atol=1e-5)
+    assert result.usage.prompt_tokens > 0
+    with pytest.raises(openai.NotFoundError):
+        oc.embeddings.create(model="not-this-one", input="x")
+
+
+def test_served_embeddings_equal_in_process(client):
+    from sentence_transformers import SentenceTransformer
+
+    from core.models import MINILM_ID, resolve_path
+
+    texts = [t for triple in PAIRS for t in triple]
+    local = SentenceTransformer(resolve_path(MINILM_ID), device="cpu").encode(texts, normalize_embeddings=True)
+    assert np.allclose(client.embed(texts), local, atol=1e-5)
+
+
+def test_paraphrases_score_higher_than_unrelated_through_served_reward(client):
+    reward = EmbeddingSimilarityReward(client)
+    samples = [RewardSample(c, ref) for ref, para, unrel in PAIRS for c in (para, unrel)]
+    scores = reward(samples)
+    for k in range(len(PAIRS)):
+        assert scores[2 * k] > scores[2 * k + 1] + 0.1
+    assert reward.stats["requests_failed"] == 0
+
+
+def test_verl_trl_and_batched_forms_agree(client):
+    reward = EmbeddingSimilarityReward(client, cache_enabled=False)
+    sols = [p for _, p, _ in PAIRS]
+    refs = [r for r, _, _ in PAIRS]
+    batched = verl_batched(reward)(["d"] * 3, sols, refs, [{}] * 3)
+    single = [verl_compute_score(reward)("d", s, r, {}) for s, r in zip(sols, refs)]
+    keyword = verl_compute_score(reward)(data_sources=["d"] * 3, solution_strs=sols, ground_truths=refs)
+    trl = trl_reward_func(reward)(prompts=["q"] * 3, completions=[[{"role": "assistant", "content": s}] for s in sols],
+                                  ground_truth=refs)
+    assert np.allclose(batched, single, atol=1e-6)
+    assert np.allclose(batched, keyword, atol=1e-6)
+    assert np.allclose(batched, trl, atol=1e-6)
+    assert trl_reward_func(reward).__name__ == "embedding"
+
+
+def test_cache_hits_skip_the_server(embedding_server, client):
+    reward = EmbeddingSimilarityReward(client, cache_enabled=True)
+    samples = [RewardSample("a brand new sentence for the cache", "another reference sentence")]
+    before = embedding_server.metric("embedding_texts_embedded_total")
+    first = reward(samples)
+    middle = embedding_server.metric("embedding_texts_embedded_total")
+    second = reward(samples)
+    after = embedding_server.metric("embedding_texts_embedded_total")
+    assert middle - before == 2 and after == middle  # the second call never reached the model
+    assert first == second and reward.cache_counts() == (2, 2)
+    uncached = reward([RewardSample(samples[0].completion, samples[0].ground_truth, extra_info={"cache_enabled": False})])
+    assert embedding_server.metric("embedding_texts_embedded_total") == after + 2 and uncached == first
+
+
+def test_batched_form_sends_one_request_per_chunk(embedding_server):
+    client = EmbeddingClient(embedding_server.url, batch_size=4)
+    reward = EmbeddingSimilarityReward(client, cache_enabled=False)
+    before = _embed_requests(embedding_server)
+    reward([RewardSample(f"answer number {i}", f"reference number {i}") for i in range(5)])  # 10 texts
+    assert _embed_requests(embedding_server) - before == 3  # ceil(10 / 4)
+
+
+def _embed_requests(server) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    for line in text.splitlines():
+        if line.startswith('embedding_requests_total{route="/embed",status="200"}'):
+            return float(line.split()[1])
+    return 0.0
+
+
+@pytest.mark.parametrize(
+    ("kind", "ref_words", "out_words", "expected"),
+    [
+        ("none", 10, 2, 1.0),
+        ("ratio", 10, 12, 1.0),  # 1.2 is inside [1/1.5, 1.5]
+        ("ratio", 10, 2, 0.2),
+        ("ratio", 2, 10, 0.2),  # too long is penalised like too short
+        ("sqrt", 10, 4, math.sqrt(0.4)),
+        ("quadratic", 10, 4, 0.16),
+        ("exponential", 10, 4, math.exp(-0.6)),
+        ("log", 10, 4, math.log(5) / math.log(11)),
+        ("ratio", 10, 0, 0.0),
+    ],
+)
+def test_length_penalties_match_hand_computed_values(kind, ref_words, out_words, expected):
+    assert math.isclose(length_factor("w " * ref_words, "w " * out_words, kind, 1.5), expected, rel_tol=1e-9)
+
+
+def test_unknown_penalty_is_refused():
+    with pytest.raises(ValueError, match="unknown length_penalty"):
+        length_factor("a", "b", "cubic")
+
+
+def test_penalty_and_reference_filter_apply_through_the_reward(client):
+    reward = EmbeddingSimilarityReward(client, cache_enabled=False)
+    ref = "one two three four five six seven eight nine ten"
+    plain = reward([RewardSample("one two", ref)])[0]
+    penalised = reward([RewardSample("one two", ref, extra_info={"length_penalty": "ratio"})])[0]
+    assert math.isclose(penalised, plain * 0.2, rel_tol=1e-6)
+    refs = ["A cat naps on the couch.", "Stock markets fell sharply."]
+    cat = "The cat is sleeping on the sofa."
+    best = reward([RewardSample(cat, refs)])[0]
+    forced = reward([RewardSample(cat, refs, extra_info={"target_gt": refs[1]})])[0]
+    by_token = reward([RewardSample(cat, refs, extra_info={"filter_gt_by_prompt_token": True,
+                                                           "prompt": "Summarise: markets"})])[0]
+    assert best > forced and math.isclose(forced, by_token, rel_tol=1e-6)
+
+
+def test_server_down_falls_back_to_lexical_within_timeout():
+    dead = EmbeddingClient(f"http://127.0.0.1:{free_port()}", timeout=2, max_retries=2)
+    dead.http.backoff_s = 0.05
+    reward = EmbeddingSimilarityReward(dead)
+    started = time.monotonic()
+    scores = reward([RewardSample("hello world", "hello there world"), RewardSample("abc", ["xyz", "abd"])])
+    assert time.monotonic() - started < 2
+    assert scores == [lexical_similarity("hello world", "hello there world"), lexical_similarity("abc", "abd")]
+    assert reward.stats["requests_failed"] == 1 and reward.stats["fallback_samples"] == 2
+
+
+def test_server_url_in_extra_info_overrides_the_default(embedding_server):
+    dead = EmbeddingClient(f"http://127.0.0.1:{free_port()}", timeout=1, max_retries=0)
+    reward = EmbeddingSimilarityReward(dead)
+    score = reward([RewardSample("A cat naps.", "A cat sleeps.", extra_info={"server_url": embedding_server.url})])
+    assert reward.stats["requests_failed"] == 0 and score[0] > 0.8
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "phrase"),
+    [
+        ({"inputs": []}, 422, "cannot be empty"),
+        ({"inputs": [f"t{i}" for i in range(33)]}, 413, "batch size 33 > maximum allowed batch size 32"),
+        ({"inputs": 5}, 422, "inputs"),
+        ({"inputs": ["ok"], "normalize": "yes"}, 422, "normalize"),
+        ({"inputs": ["ok"], "dimensions": 1000}, 422, "dimensions"),
+        ({"text": "no inputs"}, 422, "inputs"),
+    ],
+)
+def test_bad_embed_requests(embedding_server, body, status, phrase):
+    response = httpx.post(f"{embedding_server.url}/embed", json=body)
+    assert response.status_code == status and phrase in response.json()["error"]
+    assert httpx.get(f"{embedding_server.url}/health").status_code == 200
+
+
+def test_concurrent_requests_share_model_calls(embedding_server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls_before = embedding_server.metric("embedding_batch_items_count")
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda i: httpx.post(f"{embedding_server.url}/embed",
+                                                     json={"inputs": [f"concurrent text {i}"]}).json(), range(16)))
+    calls = embedding_server.metric("embedding_batch_items_count") - calls_before
+    assert all(len(r) == 1 and len(r[0]) == 384 for r in results)
+    assert calls < 16

@@ -1,0 +1,202 @@
+"""LLM judge (seed 003): our OpenAI-compatible server with a tiny model, and the judge reward."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from conftest import JUDGE_KEY, ThreadServer, free_port, scripted_openai_app
+from core.generation import GenerationEngine, SamplingParams
+from core.generation_client import GenerationClient
+from core.rewards import RewardSample, verl_batched, verl_compute_score
+from judges.llm_judge import LLMJudgeReward
+from judges.prompts import parse_reward, strip_thinking
+
+AUTH = {"Authorization": f"Bearer {JUDGE_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def oai(judge_server):
+    return openai.OpenAI(base_url=f"{judge_server.url}/v1", api_key=JUDGE_KEY, max_retries=0)
+
+
+def test_models_list_and_chat_with_official_client(oai):
+    models = oai.models.list()
+    assert [m.id for m in models.data] == ["tiny-qwen2"]
+    chat = oai.chat.completions.create(model="tiny-qwen2", n=3, max_tokens=8, temperature=1.0,
+                                       messages=[{"role": "user", "content": "Grade this."}])
+    assert len(chat.choices) == 3 and [c.index for c in chat.choices] == [0, 1, 2]
+    assert all(isinstance(c.message.content, str) and c.finish_reason in ("stop", "length") for c in chat.choices)
+    assert chat.usage.completion_tokens <= 3 * 8 and chat.usage.prompt_tokens > 0
+
+
+def test_completions_with_prompt_list(oai):
+    result = oai.completions.create(model="tiny-qwen2", prompt=["one", "two"], n=2, max_tokens=4, temperature=1.0)
+    assert sorted(c.index for c in result.choices) == [0, 1, 2, 3]
+
+
+def test_greedy_is_deterministic_and_stop_strings_cut(oai):
+    ask = dict(model="tiny-qwen2", max_tokens=24, temperature=0.0,
+               messages=[{"role": "user", "content": "Say something long."}])
+    full = oai.chat.completions.create(**ask).choices[0].message.content
+    again = oai.chat.completions.create(**ask).choices[0].message.content
+    assert full == again and len(full.split()) > 4
+    stop = full.split()[3]
+    cut = oai.chat.completions.create(**ask, stop=[stop, "never-appears"]).choices[0]
+    assert cut.message.content == full[:full.index(stop)]
+    assert cut.finish_reason == "stop" and cut.model_extra["stop_reason"] == stop
+
+
+def test_thinking_switch_reaches_the_chat_template(oai):
+    ask = dict(model="tiny-qwen2", max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+    plain = oai.chat.completions.create(**ask)
+    no_think = oai.chat.completions.create(**ask, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert no_think.usage.prompt_tokens > plain.usage.prompt_tokens  # the closed empty <think> block
+
+
+def test_concurrent_requests_are_micro_batched(judge_server, oai):
+    before = judge_server.metric("generation_generate_calls_total", AUTH)
+
+    def one(i):
+        return oai.chat.completions.create(model="tiny-qwen2", max_tokens=8, temperature=0.7, top_p=0.8,
+                                           messages=[{"role": "user", "content": f"question {i}"}])
+
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(one, range(16)))
+    calls = judge_server.metric("generation_generate_calls_total", AUTH) - before
+    assert all(len(r.choices) == 1 for r in replies)
+    assert calls < 16 / 2
+
+
+def test_api_key_is_enforced(judge_server):
+    bad = openai.OpenAI(base_url=f"{judge_server.url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert httpx.get(f"{judge_server.url}/health").json()["model"] == "tiny-qwen2"
+
+
+@pytest.mark.parametrize(
+    ("path", "send", "status", "phrase"),
+    [
+        ("/v1/chat/completions", dict(content=b"{oops", headers={"content-type": "application/json"}), 400,
+         "invalid JSON"),
+        ("/v1/chat/completions", dict(json={"messages": []}), 422, "messages"),
+        ("/v1/chat/completions", dict(json={"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}),
+         422, "temperature"),
+        ("/v1/chat/completions", dict(json={"messages": [{"role": "user", "content": "x"}], "n": 0}), 422, "n"),
+        ("/v1/chat/completions", dict(json={"messages": [{"role": "user", "content": "x"}], "stream": True}), 400,
+         "stream"),
+        ("/v1/chat/completions", dict(json={"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}), 404,
+         "does not exist"),
+        ("/v1/completions", dict(json={"prompt": ["p"] * 257, "max_tokens": 1}), 413, "maximum allowed batch size"),
+        ("/v1/completions", dict(json={"prompt": [], "max_tokens": 1}), 422, "cannot be empty"),
+        ("/judge", dict(json={"items": [{"reference": "a", "candidate": "b"}], "prompt_template": "nonexistent"}), 400,
+         "unknown prompt template"),
+        ("/judge", dict(json={"items": []}), 422, "cannot be empty"),
+        ("/judge", dict(json={"items": [{"candidate": "b"}]}), 422, "reference"),
+    ],
+)
+def test_bad_input_gets_json_error(judge_server, path, send, status, phrase):
+    response = httpx.post(f"{judge_server.url}{path}", headers={**AUTH, **send.pop("headers", {})}, **send)
+    assert response.status_code == status, response.text
+    assert phrase in response.json()["error"]
+    assert httpx.get(f"{judge_server.url}/health").status_code == 200
+
+
+def test_judge_route_scores_in_unit_interval(judge_server):
+    body = {"items": [{"problem": "2+2?", "reference": "4", "candidate": "four"}] * 3, "max_new_tokens": 8}
+    result = httpx.post(f"{judge_server.url}/judge", json=body, headers=AUTH).json()
+    assert len(result["scores"]) == 3 and all(0.0 <= s <= 1.0 for s in result["scores"])
+    assert len(result["replies"]) == 3 and result["model"] == "tiny-qwen2"
+
+
+# --- the judge reward, against a scripted stand-in for vLLM (an external server) -------------------
+
+
+@pytest.fixture
+def scripted():
+    seen: list[dict] = []
+    replies = {
+        "Candidate solution:\nParis": "The candidate matches. REWARD: 0.9",
+        "Candidate solution:\nLyon": "<think>maybe REWARD: 0.8</think>It is wrong. REWARD: 0.1",
+        "Candidate solution:\nHuge": "REWARD: 7",
+        "Candidate solution:\nVague": "I cannot decide.",
+    }
+    with ThreadServer(scripted_openai_app(replies, "REWARD: 0.5", seen)) as server:
+        yield server, seen
+
+
+def test_judge_reward_parses_clamps_and_strips_thinking(scripted):
+    server, seen = scripted
+    judge = LLMJudgeReward(GenerationClient(server.url))
+    samples = [RewardSample(c, "Paris", "Capital of France?") for c in ("Paris", "Lyon", "Huge", "Vague")]
+    assert judge(samples) == [0.9, 0.1, 1.0, 0.0]
+    assert judge.stats["parse_failures"] == 1 and judge.stats["requests_failed"] == 0
+    body = seen[0]
+    assert body["model"] == "Qwen/Qwen3-32B"  # discovered from /v1/models
+    assert (body["temperature"], body["top_p"], body["max_tokens"]) == (0.7, 0.8, 512)  # seed defaults
+    assert body["chat_template_kwargs"] == {"enable_thinking": False}
+    assert "Problem:\nCapital of France?" in body["messages"][0]["content"]
+
+
+def test_judge_reward_best_reference_filters_and_overrides(scripted):
+    server, seen = scripted
+    judge = LLMJudgeReward(GenerationClient(server.url), batch_size=2)
+    template = "Q={PROBLEM} R={REFERENCE_SOLUTION} C={CANDIDATE_SOLUTION} -> REWARD: <score>"
+    scores = judge([
+        RewardSample("Paris", ["Lyon", "Paris"], extra_info={"problem": "p"}),
+        RewardSample("Paris", ["Lyon", "Paris"], extra_info={"problem": "p", "target_gt": "Lyon",
+                                                             "prompt_template": template, "temperature": 0.2,
+                                                             "enable_thinking": True}),
+    ])
+    assert scores == [0.9, 0.5]  # the custom template has no "Candidate solution:" line: default reply
+    custom = [b for b in seen if b["messages"][0]["content"].startswith("Q=p R=Lyon C=Paris")]
+    assert len(custom) == 1 and custom[0]["temperature"] == 0.2
+    assert custom[0]["chat_template_kwargs"] == {"enable_thinking": True}
+    assert len(seen) == 3  # two references for the first sample, one (filtered) for the second
+
+
+def test_judge_reward_verl_forms_agree(scripted):
+    server, _ = scripted
+    judge = LLMJudgeReward(GenerationClient(server.url))
+    single = verl_compute_score(judge)("math", "Lyon", "Paris", {"problem": "Capital?"})
+    batched = verl_batched(judge)(["math"] * 2, ["Lyon", "Paris"], ["Paris", "Paris"], [{"problem": "Capital?"}] * 2)
+    assert single == 0.1 and batched == [0.1, 0.9]
+
+
+def test_judge_server_down_scores_zero_and_counts():
+    judge = LLMJudgeReward(GenerationClient(f"http://127.0.0.1:{free_port()}", timeout=1, max_retries=1,
+                                            model_name="m"))
+    judge.generator.http.backoff_s = 0.05
+    started = time.monotonic()
+    assert judge([RewardSample("a", "b"), RewardSample("c", "d")]) == [0.0, 0.0]
+    assert time.monotonic() - started < 2
+    assert judge.stats["requests_failed"] == 1
+
+
+def test_unknown_template_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="default, detailed"):
+        LLMJudgeReward(generator=None, prompt_template="fancy")
+
+
+def test_parse_and_strip_helpers():
+    assert parse_reward("reward: .25") == 0.25
+    assert parse_reward("REWARD: -3") == 0.0
+    assert parse_reward("no score") is None
+    assert strip_thinking("reasoning...</think>REWARD: 1") == "REWARD: 1"
+
+
+def test_in_process_engine_and_client_share_one_interface(judge_server, tiny_model_cfg):
+    engine = GenerationEngine(tiny_model_cfg)
+    client = GenerationClient(judge_server.url, api_key=JUDGE_KEY)
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=6)
+    conversation = [[{"role": "user", "content": "Compare these answers."}]]
+    local, remote = engine.chat(conversation, params), client.chat(conversation, params)
+    assert [c.text for c in local[0]] == [c.text for c in remote[0]]  # same weights (seed 0), greedy
+    judge = LLMJudgeReward(engine, max_new_tokens=6)
+    scores = judge([RewardSample("x", "y"), RewardSample("z", "w")])
+    assert all(0.0 <= s <= 1.0 for s in scores) and judge.stats["judge_calls"] == 2
