@@ -53,8 +53,9 @@ class ServerSettings:
         """Build from a mapping (an OmegaConf node or dict), ignoring ``None`` values."""
         known = set(cls.__dataclass_fields__)
         values = {k: v for k, v in dict(node or {}).items() if v is not None}
-        return cls(**{k: v for k, v in values.items() if k in known},
-                   extra={k: v for k, v in values.items() if k not in known})
+        return cls(
+            **{k: v for k, v in values.items() if k in known}, extra={k: v for k, v in values.items() if k not in known}
+        )
 
 
 class _Overloaded(Exception):
@@ -111,10 +112,16 @@ class ServiceMetrics:
     def __init__(self, namespace: str):
         self.registry = CollectorRegistry()
         self.namespace = namespace
-        self.requests = Counter("requests", "HTTP requests by route and status", ["route", "status"],
-                                namespace=namespace, registry=self.registry)
-        self.latency = Histogram("request_seconds", "HTTP request latency", ["route"],
-                                 namespace=namespace, registry=self.registry)
+        self.requests = Counter(
+            "requests",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            namespace=namespace,
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "request_seconds", "HTTP request latency", ["route"], namespace=namespace, registry=self.registry
+        )
         self.in_flight = Gauge("in_flight", "requests being served", namespace=namespace, registry=self.registry)
 
     def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
@@ -128,9 +135,17 @@ class ServiceMetrics:
 
 async def _send_json(send, status: int, payload: dict, headers: list | None = None) -> None:
     body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()), *(headers or [])]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -163,8 +178,9 @@ class _Gate:
             try:
                 await self.gate.acquire()
             except _Overloaded as exc:
-                await _send_json(tracked_send, exc.status, error_body(exc.message, exc.status),
-                                 [(b"retry-after", b"1")])
+                await _send_json(
+                    tracked_send, exc.status, error_body(exc.message, exc.status), [(b"retry-after", b"1")]
+                )
                 return
             self.metrics.in_flight.inc()
             try:
@@ -259,8 +275,9 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_req: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
-        return JSONResponse(error_body(message, exc.status_code), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            error_body(message, exc.status_code), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_req: Request, exc: RequestValidationError):
@@ -288,5 +305,4 @@ def check_batch_size(n: int, settings: ServerSettings, what: str = "items") -> N
     if n == 0:
         raise APIError(422, f"`{what}` cannot be empty", "empty")
     if n > settings.max_batch_items:
-        raise APIError(413, f"batch size {n} > maximum allowed batch size {settings.max_batch_items}",
-                       "validation")
+        raise APIError(413, f"batch size {n} > maximum allowed batch size {settings.max_batch_items}", "validation")

@@ -10,6 +10,7 @@ Requests are merged only when their ``key`` is equal (e.g. the same sampling par
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
@@ -69,10 +70,8 @@ class MicroBatcher:
         """Stop the worker; requests still queued get a ``RuntimeError``."""
         if self._worker is not None:
             self._worker.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-            except asyncio.CancelledError:
-                pass
         for queue in self._queues.values():
             for job in queue:
                 if not job.future.done():

@@ -64,8 +64,16 @@ def run(cfg) -> dict:
     """Entry point of ``python run.py`` (the default task)."""
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     rows = load_rows(cfg.evaluation.path, cfg.evaluation.limit)
-    samples = [RewardSample(r["completion"], r.get("ground_truth"), r.get("prompt", ""),
-                            dict(r.get("extra_info") or {}), r.get("data_source", "")) for r in rows]
+    samples = [
+        RewardSample(
+            r["completion"],
+            r.get("ground_truth"),
+            r.get("prompt", ""),
+            dict(r.get("extra_info") or {}),
+            r.get("data_source", ""),
+        )
+        for r in rows
+    ]
     mix = instantiate(cfg.reward)
     tracker = open_tracker(cfg.logger, out_dir, cfg)
     try:
@@ -85,8 +93,14 @@ def run(cfg) -> dict:
         tracker.summary({f"mean/{k}": v for k, v in summary["mean"].items()})
 
         console = Console()
-        console.print(_table(f"Rewards for {len(rows)} samples ({seconds:.1f}s)", "completion",
-                             [(r["completion"][:48], r) for r in scored], names))
+        console.print(
+            _table(
+                f"Rewards for {len(rows)} samples ({seconds:.1f}s)",
+                "completion",
+                [(r["completion"][:48], r) for r in scored],
+                names,
+            )
+        )
         if "by_kind" in summary:
             console.print(_table("Mean reward by kind", "kind", list(summary["by_kind"].items()), names))
         for name, stats in summary["failures"].items():
@@ -94,8 +108,10 @@ def run(cfg) -> dict:
             if failed:
                 console.print(f"[yellow]{name}[/yellow] failures: {failed} (of {stats['samples']} samples)")
         if summary["failures"].get("llm_judge", {}).get("parse_failures"):
-            console.print("the judge wrote no `REWARD: x` for some samples; a tiny random judge never does: "
-                          "use a real one (model@judge.model=..., or judge=remote)")
+            console.print(
+                "the judge wrote no `REWARD: x` for some samples; a tiny random judge never does: "
+                "use a real one (model@judge.model=..., or judge=remote)"
+            )
         console.print(f"outputs in {out_dir}")
         return summary
     finally:

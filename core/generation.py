@@ -70,7 +70,9 @@ class GenerationEngine:
         self.tokenizer = load_tokenizer(model)
         self.model = build_causal_lm(model, self.tokenizer, self.device)
         self.name = model_label(model)
-        self.max_model_len = int(model.get("max_model_len") or getattr(self.model.config, "max_position_embeddings", 2048))
+        self.max_model_len = int(
+            model.get("max_model_len") or getattr(self.model.config, "max_position_embeddings", 2048)
+        )
         self.max_batch_size = max_batch_size
         self.generate_calls = 0
         self._lock = threading.Lock()
@@ -79,7 +81,8 @@ class GenerationEngine:
         """The prompt text for a conversation, via the tokenizer's chat template."""
         extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
         return self.tokenizer.apply_chat_template(
-            [dict(m) for m in messages], tokenize=False, add_generation_prompt=True, **extra)
+            [dict(m) for m in messages], tokenize=False, add_generation_prompt=True, **extra
+        )
 
     def count_tokens(self, text: str) -> int:
         """Number of tokens in ``text`` (without special tokens)."""
@@ -101,21 +104,26 @@ class GenerationEngine:
         """``params.n`` continuations for each prompt, cut at the first of ``stop``."""
         out: list[list[Completion]] = []
         for start in range(0, len(prompts), self.max_batch_size):
-            out.extend(self._generate(list(prompts[start:start + self.max_batch_size]), params))
+            out.extend(self._generate(list(prompts[start : start + self.max_batch_size]), params))
         return [[apply_stop(c, stop) for c in group] for group in out]
 
     @torch.inference_mode()
     def _generate(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
         max_input = max(8, self.max_model_len - params.max_tokens)
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
-                             max_length=max_input, add_special_tokens=False)
+        enc = self.tokenizer(
+            prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_input, add_special_tokens=False
+        )
         enc.pop("token_type_ids", None)  # BERT-style tokenizers add them; causal LMs reject them
         enc = enc.to(self.device)
         sampling = params.temperature > 0
         # Greedy decoding gives the same sequence n times (as vLLM does); generate it once.
         per_prompt = params.n if sampling else 1
-        kwargs = {"do_sample": sampling, "max_new_tokens": params.max_tokens,
-                  "num_return_sequences": per_prompt, "pad_token_id": self.tokenizer.pad_token_id}
+        kwargs = {
+            "do_sample": sampling,
+            "max_new_tokens": params.max_tokens,
+            "num_return_sequences": per_prompt,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
         if sampling:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
         with self._lock:
@@ -123,7 +131,7 @@ class GenerationEngine:
                 torch.manual_seed(params.seed)
             sequences = self.model.generate(**enc, **kwargs)
             self.generate_calls += 1
-        new_tokens = sequences[:, enc["input_ids"].shape[1]:].tolist()
+        new_tokens = sequences[:, enc["input_ids"].shape[1] :].tolist()
         eos = self.tokenizer.eos_token_id
         completions = []
         for ids in new_tokens:
@@ -131,5 +139,5 @@ class GenerationEngine:
             finished = eos in ids
             text = self.tokenizer.decode(ids[:length], skip_special_tokens=True)
             completions.append(Completion(text, "stop" if finished else "length", length))
-        groups = [completions[i * per_prompt:(i + 1) * per_prompt] for i in range(len(prompts))]
+        groups = [completions[i * per_prompt : (i + 1) * per_prompt] for i in range(len(prompts))]
         return [group * (params.n // per_prompt) for group in groups]

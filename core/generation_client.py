@@ -19,8 +19,9 @@ def _completion(choice: dict, tokens: int) -> Completion:
     if text is None:
         text = (choice.get("message") or {}).get("content") or ""
     stop_reason = choice.get("stop_reason")
-    return Completion(text, choice.get("finish_reason") or "stop", tokens,
-                      stop_reason if isinstance(stop_reason, str) else None)
+    return Completion(
+        text, choice.get("finish_reason") or "stop", tokens, stop_reason if isinstance(stop_reason, str) else None
+    )
 
 
 def _choices_by_prompt(body: dict, n_prompts: int, n: int) -> list[list[Completion]]:
@@ -29,7 +30,7 @@ def _choices_by_prompt(body: dict, n_prompts: int, n: int) -> list[list[Completi
         raise ValueError(f"server returned {len(choices)} choices, expected {n_prompts * n}")
     per_choice = int((body.get("usage") or {}).get("completion_tokens", 0)) // max(1, len(choices))
     flat = [_completion(c, per_choice) for c in choices]
-    return [flat[i * n:(i + 1) * n] for i in range(n_prompts)]
+    return [flat[i * n : (i + 1) * n] for i in range(n_prompts)]
 
 
 class GenerationClient:
@@ -70,8 +71,13 @@ class GenerationClient:
         return self._model_name
 
     def _sampling(self, params: SamplingParams, stop: Sequence[str] | None) -> dict:
-        body = {"model": self.name, "n": params.n, "temperature": params.temperature,
-                "top_p": params.top_p, "max_tokens": params.max_tokens}
+        body = {
+            "model": self.name,
+            "n": params.n,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "max_tokens": params.max_tokens,
+        }
         if params.seed is not None:
             body["seed"] = params.seed
         if stop:

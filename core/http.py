@@ -27,7 +27,7 @@ def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     if size < 1:
         raise ValueError(f"chunk size must be >= 1, got {size}")
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def _server_message(response: httpx.Response) -> str:
@@ -100,8 +100,10 @@ class HTTPClient:
                 continue
             if response.status_code < 400:
                 return response.json() if response.content else None
-            last = ServiceError(f"{method} {self.base_url}{path} -> HTTP {response.status_code}: "
-                                f"{_server_message(response)}", status=response.status_code)
+            last = ServiceError(
+                f"{method} {self.base_url}{path} -> HTTP {response.status_code}: {_server_message(response)}",
+                status=response.status_code,
+            )
             if response.status_code not in RETRYABLE_STATUS:
                 break
         raise last

@@ -102,7 +102,8 @@ def build_causal_lm(model_cfg: Mapping, tokenizer, device: torch.device):
     name = model_cfg.get("name_or_path")
     if name:
         model = AutoModelForCausalLM.from_pretrained(
-            resolve_path(name), dtype=torch_dtype(model_cfg.get("dtype"), device))
+            resolve_path(name), dtype=torch_dtype(model_cfg.get("dtype"), device)
+        )
     else:
         torch.manual_seed(int(model_cfg.get("seed", 0)))
         config = Qwen2Config(
@@ -120,4 +121,5 @@ def build_causal_lm(model_cfg: Mapping, tokenizer, device: torch.device):
 
 def model_label(model_cfg: Mapping) -> str:
     """The name a server reports for the model (its hub id, or ``tiny-<arch>``)."""
-    return model_cfg.get("served_name") or model_cfg.get("name_or_path") or f"tiny-{model_cfg.get('architecture', 'qwen2')}"
+    tiny = f"tiny-{model_cfg.get('architecture', 'qwen2')}"
+    return model_cfg.get("served_name") or model_cfg.get("name_or_path") or tiny

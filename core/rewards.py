@@ -84,8 +84,18 @@ class RewardMix:
 def verl_compute_score(reward: RewardFunction) -> Callable[..., float | list[float]]:
     """verl's ``compute_score``: single-sample positional form, or the batched keyword form."""
 
-    def compute_score(data_source=None, solution_str=None, ground_truth=None, extra_info=None, *,
-                      data_sources=None, solution_strs=None, ground_truths=None, extra_infos=None, **_):
+    def compute_score(
+        data_source=None,
+        solution_str=None,
+        ground_truth=None,
+        extra_info=None,
+        *,
+        data_sources=None,
+        solution_strs=None,
+        ground_truths=None,
+        extra_infos=None,
+        **_,
+    ):
         if solution_strs is not None:
             return verl_batched(reward)(data_sources, solution_strs, ground_truths, extra_infos)
         sample = RewardSample(solution_str or "", ground_truth, "", dict(extra_info or {}), data_source or "")
@@ -100,10 +110,16 @@ def verl_batched(reward: RewardFunction) -> Callable[..., list[float]]:
 
     def compute_score_batched(data_sources, solution_strs, ground_truths, extra_infos=None, **_):
         n = len(solution_strs)
-        samples = [RewardSample(solution_strs[i], ground_truths[i] if ground_truths is not None else None, "",
-                                dict((extra_infos[i] if extra_infos is not None else None) or {}),
-                                data_sources[i] if data_sources is not None else "")
-                   for i in range(n)]
+        samples = [
+            RewardSample(
+                solution_strs[i],
+                ground_truths[i] if ground_truths is not None else None,
+                "",
+                dict((extra_infos[i] if extra_infos is not None else None) or {}),
+                data_sources[i] if data_sources is not None else "",
+            )
+            for i in range(n)
+        ]
         return [float(s) for s in reward(samples)]
 
     compute_score_batched.__name__ = f"{reward.name}_compute_score_batched"
@@ -130,8 +146,10 @@ def trl_reward_func(reward: RewardFunction) -> Callable[..., list[float]]:
         truths = kwargs[key] if key else [None] * len(completions)
         infos = kwargs.get("extra_info") or [None] * len(completions)
         prompts = prompts or [""] * len(completions)
-        samples = [RewardSample(_text(c), truths[i], _text(prompts[i]), dict(infos[i] or {}))
-                   for i, c in enumerate(completions)]
+        samples = [
+            RewardSample(_text(c), truths[i], _text(prompts[i]), dict(infos[i] or {}))
+            for i, c in enumerate(completions)
+        ]
         return [float(s) for s in reward(samples)]
 
     reward_func.__name__ = reward.name  # TRL logs each reward under its function's name

@@ -15,8 +15,7 @@ log = logging.getLogger(__name__)
 def serve(app: FastAPI, settings: ServerSettings) -> None:
     """Serve ``app`` until interrupted; in-flight requests get ``graceful_timeout_s`` to finish."""
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
-        log.warning("serving on %s without an API key: anyone who can reach this host can use it",
-                    settings.host)
+        log.warning("serving on %s without an API key: anyone who can reach this host can use it", settings.host)
     log.info("serving %s on http://%s:%d", app.title, settings.host, settings.port)
     uvicorn.run(
         app,

@@ -24,12 +24,26 @@ class NullTracker:
 class WandbTracker:
     """A wandb run written under ``run_dir`` (offline unless ``mode=online``)."""
 
-    def __init__(self, project: str, mode: str = "offline", name: str | None = None, tags=(),
-                 run_dir: str | Path | None = None, run_config: dict | None = None):
+    def __init__(
+        self,
+        project: str,
+        mode: str = "offline",
+        name: str | None = None,
+        tags=(),
+        run_dir: str | Path | None = None,
+        run_config: dict | None = None,
+    ):
         import wandb
 
-        self.run = wandb.init(project=project, mode=mode, name=name, tags=list(tags or []), config=run_config,
-                              dir=str(run_dir) if run_dir else None, reinit="finish_previous")
+        self.run = wandb.init(
+            project=project,
+            mode=mode,
+            name=name,
+            tags=list(tags or []),
+            config=run_config,
+            dir=str(run_dir) if run_dir else None,
+            reinit="finish_previous",
+        )
 
     def log(self, metrics: dict, step: int | None = None) -> None:
         """Log scalar metrics."""
@@ -54,5 +68,6 @@ def open_tracker(logger_cfg, run_dir: str | Path, cfg) -> NullTracker | WandbTra
     from omegaconf import OmegaConf
 
     params = {k: v for k, v in OmegaConf.to_container(logger_cfg, resolve=True).items() if k != "_target_"}
-    return get_class(logger_cfg._target_)(**params, run_dir=run_dir,
-                                         run_config=OmegaConf.to_container(cfg, resolve=True))
+    return get_class(logger_cfg._target_)(
+        **params, run_dir=run_dir, run_config=OmegaConf.to_container(cfg, resolve=True)
+    )

@@ -16,8 +16,12 @@ from core.errors import ServiceError
 from core.http import HTTPClient
 from core.rewards import RewardSample
 
-_PROBE = RewardSample("The capital of France is Paris.", "Paris is the capital of France.",
-                      "What is the capital of France?", {"problem": "What is the capital of France?"})
+_PROBE = RewardSample(
+    "The capital of France is Paris.",
+    "Paris is the capital of France.",
+    "What is the capital of France?",
+    {"problem": "What is the capital of France?"},
+)
 
 _HINTS = {
     "judge": ("judge.url", "LLM_JUDGE_SERVER_URL", "judge.api_key", "LLM_JUDGE_SERVER_API_KEY", "/v1/models"),
@@ -53,8 +57,10 @@ def run(cfg) -> dict:
         report["test_score"] = reward([_PROBE])[0]
         report["score_ms"] = round((time.perf_counter() - started) * 1000, 1)
         if reward.stats.get("requests_failed", 0):
-            console.print(f"[red]FAILED[/red] {http.base_url} is up but the test score request failed "
-                          "(the warning above says why)")
+            console.print(
+                f"[red]FAILED[/red] {http.base_url} is up but the test score request failed "
+                "(the warning above says why)"
+            )
             sys.exit(1)
     except ServiceError as exc:
         console.print(f"[red]FAILED[/red] {explain(exc, http.base_url, target)}")

@@ -52,11 +52,16 @@ class OpenAIEmbeddingRequest(BaseModel):
     user: str | None = None
 
 
-def embedding_app(engine: EmbeddingEngine, settings: ServerSettings, max_batch_size: int = 64,
-                  max_wait_ms: float = 5.0) -> FastAPI:
+def embedding_app(
+    engine: EmbeddingEngine, settings: ServerSettings, max_batch_size: int = 64, max_wait_ms: float = 5.0
+) -> FastAPI:
     """The FastAPI app serving ``engine``."""
-    app = create_app("embedding", settings, metrics_namespace="embedding",
-                     health=lambda: {"model": engine.name, "device": str(engine.device)})
+    app = create_app(
+        "embedding",
+        settings,
+        metrics_namespace="embedding",
+        health=lambda: {"model": engine.name, "device": str(engine.device)},
+    )
     metrics = app.state.metrics
     texts_total = metrics.counter("texts_embedded", "texts that went through the model")
     batch_items = metrics.histogram("batch_items", "texts per model call", (1, 2, 4, 8, 16, 32, 64, 128, 256))
@@ -72,8 +77,14 @@ def embedding_app(engine: EmbeddingEngine, settings: ServerSettings, max_batch_s
     app.state.batcher = batcher
     app.state.shutdown_hooks.append(batcher.close)
 
-    async def embed(texts: list[str], normalize: bool, truncate: bool, direction: str,
-                    dimensions: int | None, prompt_name: str | None) -> np.ndarray:
+    async def embed(
+        texts: list[str],
+        normalize: bool,
+        truncate: bool,
+        direction: str,
+        dimensions: int | None,
+        prompt_name: str | None,
+    ) -> np.ndarray:
         check_batch_size(len(texts), settings, "inputs")
         if prompt_name is not None:
             raise APIError(422, f"prompt_name {prompt_name!r} is not defined for model {engine.name}")
@@ -83,38 +94,54 @@ def embedding_app(engine: EmbeddingEngine, settings: ServerSettings, max_batch_s
             lengths = engine.count_tokens(texts)
             worst = max(range(len(texts)), key=lengths.__getitem__)
             if lengths[worst] > engine.max_input_length:
-                raise APIError(413, f"input {worst} has {lengths[worst]} tokens, more than the maximum "
-                                    f"{engine.max_input_length}; send truncate=true to cut it", "validation")
+                raise APIError(
+                    413,
+                    f"input {worst} has {lengths[worst]} tokens, more than the maximum "
+                    f"{engine.max_input_length}; send truncate=true to cut it",
+                    "validation",
+                )
         vectors = await batcher.submit(texts, key=direction.lower())
         return finish_vectors(np.stack(vectors), normalize, dimensions)
 
     @app.post("/embed")
     async def _embed(req: EmbedRequest):
         texts = [req.inputs] if isinstance(req.inputs, str) else req.inputs
-        vectors = await embed(texts, req.normalize, req.truncate, req.truncation_direction,
-                              req.dimensions, req.prompt_name)
+        vectors = await embed(
+            texts, req.normalize, req.truncate, req.truncation_direction, req.dimensions, req.prompt_name
+        )
         return vectors.tolist()
 
     @app.get("/info")
     async def _info():
-        return {**engine.info(), "max_client_batch_size": settings.max_batch_items,
-                "max_concurrent_requests": settings.max_concurrency}
+        return {
+            **engine.info(),
+            "max_client_batch_size": settings.max_batch_items,
+            "max_concurrent_requests": settings.max_concurrency,
+        }
 
     @app.post("/v1/embeddings")
     async def _openai_embeddings(req: OpenAIEmbeddingRequest):
         texts = [req.input] if isinstance(req.input, str) else req.input
         if req.model is not None and req.model != engine.name:
-            raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{engine.name}`",
-                           "not_found")
+            raise APIError(
+                404, f"The model `{req.model}` does not exist; this server serves `{engine.name}`", "not_found"
+            )
         vectors = await embed(texts, True, True, "right", req.dimensions, None)
         data = []
         for i, vec in enumerate(vectors):
-            value = (base64.b64encode(vec.astype("<f4").tobytes()).decode()
-                     if req.encoding_format == "base64" else vec.tolist())
+            value = (
+                base64.b64encode(vec.astype("<f4").tobytes()).decode()
+                if req.encoding_format == "base64"
+                else vec.tolist()
+            )
             data.append({"object": "embedding", "index": i, "embedding": value})
         tokens = sum(engine.count_tokens(texts))
-        return {"object": "list", "data": data, "model": engine.name,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return {
+            "object": "list",
+            "data": data,
+            "model": engine.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
 
     return app
 

@@ -18,8 +18,9 @@ class EmbeddingClient:
         Other args configure the pooled ``HTTPClient``.
     """
 
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 30.0, max_retries: int = 3,
-                 batch_size: int = 32):
+    def __init__(
+        self, url: str, api_key: str | None = None, timeout: float = 30.0, max_retries: int = 3, batch_size: int = 32
+    ):
         self.http = HTTPClient(url, api_key=api_key, timeout=timeout, max_retries=max_retries)
         self.url = self.http.base_url
         self.batch_size = batch_size
@@ -35,8 +36,12 @@ class EmbeddingClient:
         """A ``(len(texts), dim)`` float32 array; raises ``ServiceError`` when the server cannot answer."""
         parts = []
         for part in chunks(list(texts), self.batch_size):
-            body = {"inputs": list(part), "normalize": normalize, "truncate": truncate,
-                    "truncation_direction": truncation_direction.capitalize()}
+            body = {
+                "inputs": list(part),
+                "normalize": normalize,
+                "truncate": truncate,
+                "truncation_direction": truncation_direction.capitalize(),
+            }
             if dimensions is not None:
                 body["dimensions"] = dimensions
             parts.append(np.asarray(self.http.post("/embed", body), dtype=np.float32))

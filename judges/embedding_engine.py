@@ -42,8 +42,11 @@ class EmbeddingEngine:
         if not name:
             raise ValueError("an embedding model needs `name_or_path` (e.g. sentence-transformers/all-MiniLM-L6-v2)")
         self.name = model_label(model)
-        self.model = SentenceTransformer(resolve_path(name), device=str(self.device),
-                                         model_kwargs={"dtype": torch_dtype(model.get("dtype"), self.device)})
+        self.model = SentenceTransformer(
+            resolve_path(name),
+            device=str(self.device),
+            model_kwargs={"dtype": torch_dtype(model.get("dtype"), self.device)},
+        )
         self.tokenizer = self.model.tokenizer
         self.max_input_length = int(self.model.max_seq_length)
         self.dimension = int(self.model.get_embedding_dimension())
@@ -58,7 +61,7 @@ class EmbeddingEngine:
     def _truncate_left(self, texts: Sequence[str], lengths: list[int]) -> list[str]:
         keep = self.max_input_length - 2  # room for [CLS] and [SEP]
         out = []
-        for text, n in zip(texts, lengths):
+        for text, n in zip(texts, lengths, strict=True):
             if n <= self.max_input_length:
                 out.append(text)
             else:
@@ -88,13 +91,20 @@ class EmbeddingEngine:
             too_long = [i for i, n in enumerate(lengths) if n > self.max_input_length]
             if too_long:
                 i = too_long[0]
-                raise InputTooLong(f"input {i} has {lengths[i]} tokens, more than the maximum "
-                                   f"{self.max_input_length}; send truncate=true to cut it")
+                raise InputTooLong(
+                    f"input {i} has {lengths[i]} tokens, more than the maximum "
+                    f"{self.max_input_length}; send truncate=true to cut it"
+                )
         elif truncation_direction.lower() == "left":
             texts = self._truncate_left(texts, lengths)
         with self._lock:
-            vectors = self.model.encode(texts, batch_size=self.max_batch_size, convert_to_numpy=True,
-                                        normalize_embeddings=False, show_progress_bar=False)
+            vectors = self.model.encode(
+                texts,
+                batch_size=self.max_batch_size,
+                convert_to_numpy=True,
+                normalize_embeddings=False,
+                show_progress_bar=False,
+            )
             self.forward_calls += 1
         return finish_vectors(vectors, normalize, dimensions)
 

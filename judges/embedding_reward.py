@@ -97,8 +97,15 @@ class EmbeddingSimilarityReward:
 
     name = "embedding"
 
-    def __init__(self, embedder, length_penalty: str = "none", length_threshold: float = 1.5,
-                 cache_enabled: bool = True, cache_size: int = 10_000, fallback: str = "lexical"):
+    def __init__(
+        self,
+        embedder,
+        length_penalty: str = "none",
+        length_threshold: float = 1.5,
+        cache_enabled: bool = True,
+        cache_size: int = 10_000,
+        fallback: str = "lexical",
+    ):
         if fallback not in ("lexical", "zero"):
             raise ValueError(f"fallback must be 'lexical' or 'zero', got {fallback!r}")
         length_factor("", "", length_penalty)  # reject an unknown penalty at construction
@@ -118,8 +125,9 @@ class EmbeddingSimilarityReward:
             return self.embedder
         key = (url, info.get("api_key"), info.get("timeout"))
         if key not in self._clients:
-            self._clients[key] = EmbeddingClient(url, api_key=info.get("api_key"),
-                                                 timeout=float(info.get("timeout") or 30.0))
+            self._clients[key] = EmbeddingClient(
+                url, api_key=info.get("api_key"), timeout=float(info.get("timeout") or 30.0)
+            )
         return self._clients[key]
 
     def _vectors(self, embedder, texts: list[str], use_cache: bool) -> dict[str, np.ndarray]:
@@ -132,7 +140,7 @@ class EmbeddingSimilarityReward:
             else:
                 found[text] = vec
         if missing:
-            for text, vec in zip(missing, embedder.embed(missing, normalize=True, truncate=True)):
+            for text, vec in zip(missing, embedder.embed(missing, normalize=True, truncate=True), strict=True):
                 found[text] = vec
                 if cache is not None:
                     cache.put(text, vec)
@@ -158,8 +166,12 @@ class EmbeddingSimilarityReward:
             except ServiceError as exc:
                 self.stats["requests_failed"] += 1
                 self.stats["fallback_samples"] += len(idx)
-                log.warning("embedding server failed (%s); falling back to %s similarity for %d samples",
-                            exc, self.fallback, len(idx))
+                log.warning(
+                    "embedding server failed (%s); falling back to %s similarity for %d samples",
+                    exc,
+                    self.fallback,
+                    len(idx),
+                )
                 for i in idx:
                     scores[i] = self._fallback_score(samples[i].completion, refs[i])
                 continue

@@ -100,11 +100,20 @@ def _choice(index: int, c: Completion, chat: bool) -> dict:
     return body
 
 
-def judge_app(engine: GenerationEngine, settings: ServerSettings, max_batch_size: int = 32,
-              max_wait_ms: float = 10.0, default_max_tokens: int = 512) -> FastAPI:
+def judge_app(
+    engine: GenerationEngine,
+    settings: ServerSettings,
+    max_batch_size: int = 32,
+    max_wait_ms: float = 10.0,
+    default_max_tokens: int = 512,
+) -> FastAPI:
     """The FastAPI app serving ``engine``."""
-    app = create_app("llm_judge", settings, metrics_namespace="generation",
-                     health=lambda: {"model": engine.name, "device": str(engine.device)})
+    app = create_app(
+        "llm_judge",
+        settings,
+        metrics_namespace="generation",
+        health=lambda: {"model": engine.name, "device": str(engine.device)},
+    )
     metrics = app.state.metrics
     prompts_total = metrics.counter("prompts_generated", "prompts that went through generate")
     calls_total = metrics.counter("generate_calls", "model generate calls (one per merged batch)")
@@ -115,8 +124,9 @@ def judge_app(engine: GenerationEngine, settings: ServerSettings, max_batch_size
         calls_total.inc()
         batch_items.observe(n)
 
-    batcher = MicroBatcher(lambda prompts, params: engine.complete(prompts, params), max_batch_size,
-                           max_wait_ms, on_batch=on_batch)
+    batcher = MicroBatcher(
+        lambda prompts, params: engine.complete(prompts, params), max_batch_size, max_wait_ms, on_batch=on_batch
+    )
     app.state.batcher = batcher
     app.state.shutdown_hooks.append(batcher.close)
 
@@ -124,13 +134,15 @@ def judge_app(engine: GenerationEngine, settings: ServerSettings, max_batch_size
         if req.stream:
             raise APIError(400, "stream=true is not supported by this server; send stream=false")
         if req.model is not None and req.model != engine.name:
-            raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{engine.name}`",
-                           "not_found")
+            raise APIError(
+                404, f"The model `{req.model}` does not exist; this server serves `{engine.name}`", "not_found"
+            )
         max_tokens = req.max_completion_tokens or req.max_tokens or default_tokens
         if max_tokens >= engine.max_model_len:
             raise APIError(400, f"max_tokens {max_tokens} must be below the model's context {engine.max_model_len}")
-        return SamplingParams(n=req.n, temperature=req.temperature, top_p=req.top_p,
-                              max_tokens=max_tokens, seed=req.seed)
+        return SamplingParams(
+            n=req.n, temperature=req.temperature, top_p=req.top_p, max_tokens=max_tokens, seed=req.seed
+        )
 
     async def generate(prompts: list[str], params: SamplingParams, stop) -> list[list[Completion]]:
         check_batch_size(len(prompts), settings, "prompt")
@@ -142,21 +154,41 @@ def judge_app(engine: GenerationEngine, settings: ServerSettings, max_batch_size
         choices = [_choice(i * len(g) + j, c, chat) for i, g in enumerate(groups) for j, c in enumerate(g)]
         prompt_tokens = sum(engine.count_tokens(p) for p in prompts)
         completion_tokens = sum(c.completion_tokens for g in groups for c in g)
-        return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": kind,
-                "created": int(time.time()), "model": engine.name, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+        return {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": kind,
+            "created": int(time.time()),
+            "model": engine.name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
 
     @app.get("/v1/models")
     async def _models():
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "rewardkit", "max_model_len": engine.max_model_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": engine.name,
+                    "object": "model",
+                    "created": int(time.time()),
+                    "owned_by": "rewardkit",
+                    "max_model_len": engine.max_model_len,
+                }
+            ],
+        }
 
     @app.post("/v1/chat/completions")
     async def _chat(req: ChatRequest):
         params = sampling(req, default_max_tokens)
-        messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
-                     else "".join(p.text for p in m.content)} for m in req.messages]
+        messages = [
+            {"role": m.role, "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
+            for m in req.messages
+        ]
         thinking = (req.chat_template_kwargs or {}).get("enable_thinking")
         prompt = engine.render_chat(messages, None if thinking is None else bool(thinking))
         groups = await generate([prompt], params, req.stop)
@@ -177,13 +209,21 @@ def judge_app(engine: GenerationEngine, settings: ServerSettings, max_batch_size
             raise APIError(400, str(exc)) from None
         check_batch_size(len(req.items), settings, "items")
         params = SamplingParams(n=1, temperature=req.temperature, top_p=req.top_p, max_tokens=req.max_new_tokens)
-        prompts = [engine.render_chat([{"role": "user", "content": render(req.prompt_template, it.problem,
-                                                                           it.reference, it.candidate)}],
-                                      req.enable_thinking) for it in req.items]
+        prompts = [
+            engine.render_chat(
+                [{"role": "user", "content": render(req.prompt_template, it.problem, it.reference, it.candidate)}],
+                req.enable_thinking,
+            )
+            for it in req.items
+        ]
         replies = [g[0].text for g in await batcher.submit(prompts, key=params)]
         parsed = [parse_reward(r) for r in replies]
-        return {"scores": [0.0 if p is None else p for p in parsed], "parsed": [p is not None for p in parsed],
-                "replies": replies, "model": engine.name}
+        return {
+            "scores": [0.0 if p is None else p for p in parsed],
+            "parsed": [p is not None for p in parsed],
+            "replies": replies,
+            "model": engine.name,
+        }
 
     return app
 
@@ -192,5 +232,4 @@ def run(cfg) -> None:
     """Entry point of ``python run.py service=llm_judge``."""
     engine = instantiate(cfg.engine)
     settings = ServerSettings.from_config(cfg.server)
-    serve(judge_app(engine, settings, default_max_tokens=cfg.generation.default_max_tokens, **cfg.batching),
-          settings)
+    serve(judge_app(engine, settings, default_max_tokens=cfg.generation.default_max_tokens, **cfg.batching), settings)

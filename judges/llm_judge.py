@@ -39,14 +39,26 @@ class LLMJudgeReward:
 
     name = "llm_judge"
 
-    def __init__(self, generator, prompt_template: str = "default", temperature: float = 0.7,
-                 top_p: float = 0.8, max_new_tokens: int = 512, enable_thinking: bool = False,
-                 batch_size: int = 128):
+    def __init__(
+        self,
+        generator,
+        prompt_template: str = "default",
+        temperature: float = 0.7,
+        top_p: float = 0.8,
+        max_new_tokens: int = 512,
+        enable_thinking: bool = False,
+        batch_size: int = 128,
+    ):
         resolve_template(prompt_template)  # refuse an unknown template before any scoring
         self.generator = generator
-        self.defaults = {"prompt_template": prompt_template, "temperature": float(temperature),
-                         "top_p": float(top_p), "max_new_tokens": int(max_new_tokens),
-                         "enable_thinking": bool(enable_thinking), "batch_size": int(batch_size)}
+        self.defaults = {
+            "prompt_template": prompt_template,
+            "temperature": float(temperature),
+            "top_p": float(top_p),
+            "max_new_tokens": int(max_new_tokens),
+            "enable_thinking": bool(enable_thinking),
+            "batch_size": int(batch_size),
+        }
         self._clients: dict[tuple, GenerationClient] = {}
         self.stats = {"samples": 0, "judge_calls": 0, "requests_failed": 0, "parse_failures": 0}
 
@@ -55,9 +67,12 @@ class LLMJudgeReward:
             return self.generator
         key = (info["server_url"], info.get("api_key"), info.get("timeout"), info.get("model_name"))
         if key not in self._clients:
-            self._clients[key] = GenerationClient(info["server_url"], api_key=info.get("api_key"),
-                                                  timeout=float(info.get("timeout") or 60.0),
-                                                  model_name=info.get("model_name"))
+            self._clients[key] = GenerationClient(
+                info["server_url"],
+                api_key=info.get("api_key"),
+                timeout=float(info.get("timeout") or 60.0),
+                model_name=info.get("model_name"),
+            )
         return self._clients[key]
 
     def __call__(self, samples: Sequence[RewardSample]) -> list[float]:
@@ -68,8 +83,14 @@ class LLMJudgeReward:
             opts = {k: s.extra_info.get(k, v) for k, v in self.defaults.items()}
             generator = self._generator_for(s.extra_info)
             generators[id(generator)] = generator
-            key = (id(generator), float(opts["temperature"]), float(opts["top_p"]), int(opts["max_new_tokens"]),
-                   bool(opts["enable_thinking"]), int(opts["batch_size"]))
+            key = (
+                id(generator),
+                float(opts["temperature"]),
+                float(opts["top_p"]),
+                int(opts["max_new_tokens"]),
+                bool(opts["enable_thinking"]),
+                int(opts["batch_size"]),
+            )
             problem = str(s.extra_info.get("problem") or s.prompt or "")
             for ref in filter_references(references(s.ground_truth), s.extra_info):
                 groups[key].append((i, render(opts["prompt_template"], problem, ref, s.completion)))
@@ -77,7 +98,8 @@ class LLMJudgeReward:
         for (gid, temperature, top_p, max_tokens, thinking, batch_size), pairs in groups.items():
             params = SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
             for part in chunks(pairs, batch_size):
-                for i, score in zip([i for i, _ in part], self._judge(generators[gid], part, params, thinking)):
+                judged = self._judge(generators[gid], part, params, thinking)
+                for (i, _prompt), score in zip(part, judged, strict=True):
                     scores[i] = max(scores[i], score)
         self.stats["samples"] += len(samples)
         return scores

@@ -44,14 +44,20 @@ def resolve_template(template: str) -> str:
         return TEMPLATES[template]
     if "{CANDIDATE_SOLUTION}" in template and "{REFERENCE_SOLUTION}" in template:
         return template
-    raise ValueError(f"unknown prompt template {template[:60]!r}: use one of {', '.join(TEMPLATES)}, "
-                     f"or a template string containing {', '.join(PLACEHOLDERS)}")
+    raise ValueError(
+        f"unknown prompt template {template[:60]!r}: use one of {', '.join(TEMPLATES)}, "
+        f"or a template string containing {', '.join(PLACEHOLDERS)}"
+    )
 
 
 def render(template: str, problem: str, reference: str, candidate: str) -> str:
     """Fill the placeholders (plain replacement, so other braces in a custom template are kept)."""
-    return (resolve_template(template).replace("{PROBLEM}", problem)
-            .replace("{REFERENCE_SOLUTION}", reference).replace("{CANDIDATE_SOLUTION}", candidate))
+    return (
+        resolve_template(template)
+        .replace("{PROBLEM}", problem)
+        .replace("{REFERENCE_SOLUTION}", reference)
+        .replace("{CANDIDATE_SOLUTION}", candidate)
+    )
 
 
 def strip_thinking(text: str) -> str:
@@ -59,7 +65,7 @@ def strip_thinking(text: str) -> str:
     (templates that open the block in the prompt leave only the closing tag in the reply)."""
     text = _THINK_BLOCK.sub("", text)
     if "</think>" in text.lower():
-        text = text[text.lower().rindex("</think>") + len("</think>"):]
+        text = text[text.lower().rindex("</think>") + len("</think>") :]
     return text
 
 

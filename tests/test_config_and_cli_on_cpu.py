@@ -35,8 +35,11 @@ def test_every_option_composes_and_resolves(group, option):
 
 
 def test_real_model_configs_keep_the_hub_loading_path():
-    for name, hub_id in [("qwen3-32b", "Qwen/Qwen3-32B"), ("qwen2.5-3b", "Qwen/Qwen2.5-3B-Instruct"),
-                         ("qwen3-embedding-8b", "Qwen/Qwen3-Embedding-8B")]:
+    for name, hub_id in [
+        ("qwen3-32b", "Qwen/Qwen3-32B"),
+        ("qwen2.5-3b", "Qwen/Qwen2.5-3B-Instruct"),
+        ("qwen3-embedding-8b", "Qwen/Qwen3-Embedding-8B"),
+    ]:
         assert composed(f"model={name}").model.name_or_path == hub_id
 
 
@@ -70,8 +73,9 @@ def test_help_lists_the_groups():
 
 
 def test_cfg_job_prints_the_resolved_service_config():
-    result = run_cli("--cfg", "job", "--resolve", "service=embedding", env={"EMBEDDING_SERVER_PORT": "9123"},
-                     timeout=120)
+    result = run_cli(
+        "--cfg", "job", "--resolve", "service=embedding", env={"EMBEDDING_SERVER_PORT": "9123"}, timeout=120
+    )
     cfg = OmegaConf.create(result.stdout)
     assert cfg.task._target_ == "judges.embedding_app.run"
     assert cfg.server.port == 9123 and cfg.server.host == "127.0.0.1"
@@ -79,8 +83,9 @@ def test_cfg_job_prints_the_resolved_service_config():
 
 
 def test_default_run_writes_scores_and_summary(tmp_path):
-    result = run_cli("logger=none", f"hydra.run.dir={tmp_path}", "reward.components.llm_judge.fn.max_new_tokens=8",
-                     timeout=300)
+    result = run_cli(
+        "logger=none", f"hydra.run.dir={tmp_path}", "reward.components.llm_judge.fn.max_new_tokens=8", timeout=300
+    )
     assert result.returncode == 0, result.stdout[-3000:]
     assert "Mean reward by kind" in result.stdout
     rows = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
@@ -100,8 +105,13 @@ def test_default_run_logs_to_offline_wandb(tmp_path):
 
 
 def test_check_reports_a_healthy_judge(judge_server):
-    result = run_cli("check=judge", f"judge.url={judge_server.url}", "reward.components.llm_judge.fn.max_new_tokens=8",
-                     env={"LLM_JUDGE_SERVER_API_KEY": JUDGE_KEY}, timeout=120)
+    result = run_cli(
+        "check=judge",
+        f"judge.url={judge_server.url}",
+        "reward.components.llm_judge.fn.max_new_tokens=8",
+        env={"LLM_JUDGE_SERVER_API_KEY": JUDGE_KEY},
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout[-2000:]
     assert "OK" in result.stdout and "tiny-qwen2" in result.stdout and "test_score" in result.stdout
 
@@ -122,13 +132,19 @@ def test_check_explains_unreachable_and_bad_key(judge_server):
 def test_launch_commands_come_from_the_model_config():
     from launchers.commands import tei_commands, vllm_commands
 
-    vllm = vllm_commands({"name_or_path": "Qwen/Qwen3-32B", "dtype": "bfloat16", "max_model_len": 32768},
-                         gpus=4, host="0.0.0.0", port=8000, api_key_env="LLM_JUDGE_SERVER_API_KEY")
+    vllm = vllm_commands(
+        {"name_or_path": "Qwen/Qwen3-32B", "dtype": "bfloat16", "max_model_len": 32768},
+        gpus=4,
+        host="0.0.0.0",
+        port=8000,
+        api_key_env="LLM_JUDGE_SERVER_API_KEY",
+    )
     assert vllm["python"].startswith("python -m vllm.entrypoints.openai.api_server --model Qwen/Qwen3-32B")
     assert "--tensor-parallel-size 4" in vllm["python"] and "--tensor-parallel-size 4" in vllm["docker"]
     assert '--api-key "$LLM_JUDGE_SERVER_API_KEY"' in vllm["docker"] and "--gpus all" in vllm["docker"]
-    tei = tei_commands({"name_or_path": "Qwen/Qwen3-Embedding-8B", "dtype": "bfloat16"}, gpus=0, port=8080,
-                       api_key_env=None)
+    tei = tei_commands(
+        {"name_or_path": "Qwen/Qwen3-Embedding-8B", "dtype": "bfloat16"}, gpus=0, port=8080, api_key_env=None
+    )
     assert "text-embeddings-inference:cpu-latest" in tei["docker"] and "--gpus" not in tei["docker"]
     assert "--model-id Qwen/Qwen3-Embedding-8B" in tei["binary"] and "--api-key" not in tei["binary"]
     with pytest.raises(ValueError, match="real models"):

@@ -14,6 +14,7 @@ from core.rewards import RewardSample, trl_reward_func, verl_batched, verl_compu
 from judges.embedding_client import EmbeddingClient
 from judges.embedding_reward import EmbeddingSimilarityReward, length_factor, lexical_similarity
 
+EMBED_OK = 'embedding_requests_total{route="/embed",status="200"}'
 PAIRS = [
     ("The cat is sleeping on the sofa.", "A cat naps on the couch.", "Stock markets fell sharply on Monday."),
     ("How do I reset my password?", "What are the steps to change my password?", "The recipe needs two eggs."),
@@ -31,10 +32,12 @@ def test_tei_embed_shapes(embedding_server):
     assert len(single) == 1 and len(single[0]) == 384  # TEI answers a list of vectors, even for one input
     assert math.isclose(float(np.linalg.norm(single[0])), 1.0, rel_tol=1e-4)
     # MiniLM's own pipeline ends in a Normalize layer, so cutting to 8 dimensions shows the switch:
-    raw = httpx.post(f"{embedding_server.url}/embed",
-                     json={"inputs": ["a", "b", "c"], "normalize": False, "dimensions": 8}).json()
-    unit = httpx.post(f"{embedding_server.url}/embed",
-                      json={"inputs": ["a", "b", "c"], "normalize": True, "dimensions": 8}).json()
+    raw = httpx.post(
+        f"{embedding_server.url}/embed", json={"inputs": ["a", "b", "c"], "normalize": False, "dimensions": 8}
+    ).json()
+    unit = httpx.post(
+        f"{embedding_server.url}/embed", json={"inputs": ["a", "b", "c"], "normalize": True, "dimensions": 8}
+    ).json()
     assert len(raw) == 3 and len(raw[0]) == 8
     assert float(np.linalg.norm(raw[0])) < 0.9
     assert math.isclose(float(np.linalg.norm(unit[0])), 1.0, rel_tol=1e-4)
@@ -54,9 +57,14 @@ def test_truncation_rules(embedding_server):
     refused = httpx.post(f"{embedding_server.url}/embed", json={"inputs": [long_text]})
     assert refused.status_code == 413 and "truncate=true" in refused.json()["error"]
     right = httpx.post(f"{embedding_server.url}/embed", json={"inputs": long_text, "truncate": True}).json()
-    left = httpx.post(f"{embedding_server.url}/embed",
-                      json={"inputs": "tail end " + long_text + " the final words here", "truncate": True,
-                            "truncation_direction": "Left"}).json()
+    left = httpx.post(
+        f"{embedding_server.url}/embed",
+        json={
+            "inputs": "tail end " + long_text + " the final words here",
+            "truncate": True,
+            "truncation_direction": "Left",
+        },
+    ).json()
     assert len(right[0]) == 384 and len(left[0]) == 384
     assert not np.allclose(right[0], left[0])
 
@@ -98,10 +106,11 @@ def test_verl_trl_and_batched_forms_agree(client):
     sols = [p for _, p, _ in PAIRS]
     refs = [r for r, _, _ in PAIRS]
     batched = verl_batched(reward)(["d"] * 3, sols, refs, [{}] * 3)
-    single = [verl_compute_score(reward)("d", s, r, {}) for s, r in zip(sols, refs)]
+    single = [verl_compute_score(reward)("d", s, r, {}) for s, r in zip(sols, refs, strict=True)]
     keyword = verl_compute_score(reward)(data_sources=["d"] * 3, solution_strs=sols, ground_truths=refs)
-    trl = trl_reward_func(reward)(prompts=["q"] * 3, completions=[[{"role": "assistant", "content": s}] for s in sols],
-                                  ground_truth=refs)
+    trl = trl_reward_func(reward)(
+        prompts=["q"] * 3, completions=[[{"role": "assistant", "content": s}] for s in sols], ground_truth=refs
+    )
     assert np.allclose(batched, single, atol=1e-6)
     assert np.allclose(batched, keyword, atol=1e-6)
     assert np.allclose(batched, trl, atol=1e-6)
@@ -118,24 +127,18 @@ def test_cache_hits_skip_the_server(embedding_server, client):
     after = embedding_server.metric("embedding_texts_embedded_total")
     assert middle - before == 2 and after == middle  # the second call never reached the model
     assert first == second and reward.cache_counts() == (2, 2)
-    uncached = reward([RewardSample(samples[0].completion, samples[0].ground_truth, extra_info={"cache_enabled": False})])
+    uncached = reward(
+        [RewardSample(samples[0].completion, samples[0].ground_truth, extra_info={"cache_enabled": False})]
+    )
     assert embedding_server.metric("embedding_texts_embedded_total") == after + 2 and uncached == first
 
 
 def test_batched_form_sends_one_request_per_chunk(embedding_server):
     client = EmbeddingClient(embedding_server.url, batch_size=4)
     reward = EmbeddingSimilarityReward(client, cache_enabled=False)
-    before = _embed_requests(embedding_server)
+    before = embedding_server.metric(EMBED_OK)
     reward([RewardSample(f"answer number {i}", f"reference number {i}") for i in range(5)])  # 10 texts
-    assert _embed_requests(embedding_server) - before == 3  # ceil(10 / 4)
-
-
-def _embed_requests(server) -> float:
-    text = httpx.get(f"{server.url}/metrics").text
-    for line in text.splitlines():
-        if line.startswith('embedding_requests_total{route="/embed",status="200"}'):
-            return float(line.split()[1])
-    return 0.0
+    assert embedding_server.metric(EMBED_OK) - before == 3  # ceil(10 / 4)
 
 
 @pytest.mark.parametrize(
@@ -171,8 +174,9 @@ def test_penalty_and_reference_filter_apply_through_the_reward(client):
     cat = "The cat is sleeping on the sofa."
     best = reward([RewardSample(cat, refs)])[0]
     forced = reward([RewardSample(cat, refs, extra_info={"target_gt": refs[1]})])[0]
-    by_token = reward([RewardSample(cat, refs, extra_info={"filter_gt_by_prompt_token": True,
-                                                           "prompt": "Summarise: markets"})])[0]
+    by_token = reward(
+        [RewardSample(cat, refs, extra_info={"filter_gt_by_prompt_token": True, "prompt": "Summarise: markets"})]
+    )[0]
     assert best > forced and math.isclose(forced, by_token, rel_tol=1e-6)
 
 
@@ -216,8 +220,12 @@ def test_concurrent_requests_share_model_calls(embedding_server):
 
     calls_before = embedding_server.metric("embedding_batch_items_count")
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(lambda i: httpx.post(f"{embedding_server.url}/embed",
-                                                     json={"inputs": [f"concurrent text {i}"]}).json(), range(16)))
+        results = list(
+            pool.map(
+                lambda i: httpx.post(f"{embedding_server.url}/embed", json={"inputs": [f"concurrent text {i}"]}).json(),
+                range(16),
+            )
+        )
     calls = embedding_server.metric("embedding_batch_items_count") - calls_before
     assert all(len(r) == 1 and len(r[0]) == 384 for r in results)
     assert calls < 16

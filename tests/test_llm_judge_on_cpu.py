@@ -27,8 +27,9 @@ def oai(judge_server):
 def test_models_list_and_chat_with_official_client(oai):
     models = oai.models.list()
     assert [m.id for m in models.data] == ["tiny-qwen2"]
-    chat = oai.chat.completions.create(model="tiny-qwen2", n=3, max_tokens=8, temperature=1.0,
-                                       messages=[{"role": "user", "content": "Grade this."}])
+    chat = oai.chat.completions.create(
+        model="tiny-qwen2", n=3, max_tokens=8, temperature=1.0, messages=[{"role": "user", "content": "Grade this."}]
+    )
     assert len(chat.choices) == 3 and [c.index for c in chat.choices] == [0, 1, 2]
     assert all(isinstance(c.message.content, str) and c.finish_reason in ("stop", "length") for c in chat.choices)
     assert chat.usage.completion_tokens <= 3 * 8 and chat.usage.prompt_tokens > 0
@@ -40,14 +41,18 @@ def test_completions_with_prompt_list(oai):
 
 
 def test_greedy_is_deterministic_and_stop_strings_cut(oai):
-    ask = dict(model="tiny-qwen2", max_tokens=24, temperature=0.0,
-               messages=[{"role": "user", "content": "Say something long."}])
+    ask = dict(
+        model="tiny-qwen2",
+        max_tokens=24,
+        temperature=0.0,
+        messages=[{"role": "user", "content": "Say something long."}],
+    )
     full = oai.chat.completions.create(**ask).choices[0].message.content
     again = oai.chat.completions.create(**ask).choices[0].message.content
     assert full == again and len(full.split()) > 4
     stop = full.split()[3]
     cut = oai.chat.completions.create(**ask, stop=[stop, "never-appears"]).choices[0]
-    assert cut.message.content == full[:full.index(stop)]
+    assert cut.message.content == full[: full.index(stop)]
     assert cut.finish_reason == "stop" and cut.model_extra["stop_reason"] == stop
 
 
@@ -62,8 +67,13 @@ def test_concurrent_requests_are_micro_batched(judge_server, oai):
     before = judge_server.metric("generation_generate_calls_total", AUTH)
 
     def one(i):
-        return oai.chat.completions.create(model="tiny-qwen2", max_tokens=8, temperature=0.7, top_p=0.8,
-                                           messages=[{"role": "user", "content": f"question {i}"}])
+        return oai.chat.completions.create(
+            model="tiny-qwen2",
+            max_tokens=8,
+            temperature=0.7,
+            top_p=0.8,
+            messages=[{"role": "user", "content": f"question {i}"}],
+        )
 
     with ThreadPoolExecutor(16) as pool:
         replies = list(pool.map(one, range(16)))
@@ -82,20 +92,40 @@ def test_api_key_is_enforced(judge_server):
 @pytest.mark.parametrize(
     ("path", "send", "status", "phrase"),
     [
-        ("/v1/chat/completions", dict(content=b"{oops", headers={"content-type": "application/json"}), 400,
-         "invalid JSON"),
+        (
+            "/v1/chat/completions",
+            dict(content=b"{oops", headers={"content-type": "application/json"}),
+            400,
+            "invalid JSON",
+        ),
         ("/v1/chat/completions", dict(json={"messages": []}), 422, "messages"),
-        ("/v1/chat/completions", dict(json={"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}),
-         422, "temperature"),
+        (
+            "/v1/chat/completions",
+            dict(json={"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}),
+            422,
+            "temperature",
+        ),
         ("/v1/chat/completions", dict(json={"messages": [{"role": "user", "content": "x"}], "n": 0}), 422, "n"),
-        ("/v1/chat/completions", dict(json={"messages": [{"role": "user", "content": "x"}], "stream": True}), 400,
-         "stream"),
-        ("/v1/chat/completions", dict(json={"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}), 404,
-         "does not exist"),
+        (
+            "/v1/chat/completions",
+            dict(json={"messages": [{"role": "user", "content": "x"}], "stream": True}),
+            400,
+            "stream",
+        ),
+        (
+            "/v1/chat/completions",
+            dict(json={"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}),
+            404,
+            "does not exist",
+        ),
         ("/v1/completions", dict(json={"prompt": ["p"] * 257, "max_tokens": 1}), 413, "maximum allowed batch size"),
         ("/v1/completions", dict(json={"prompt": [], "max_tokens": 1}), 422, "cannot be empty"),
-        ("/judge", dict(json={"items": [{"reference": "a", "candidate": "b"}], "prompt_template": "nonexistent"}), 400,
-         "unknown prompt template"),
+        (
+            "/judge",
+            dict(json={"items": [{"reference": "a", "candidate": "b"}], "prompt_template": "nonexistent"}),
+            400,
+            "unknown prompt template",
+        ),
         ("/judge", dict(json={"items": []}), 422, "cannot be empty"),
         ("/judge", dict(json={"items": [{"candidate": "b"}]}), 422, "reference"),
     ],
@@ -147,12 +177,22 @@ def test_judge_reward_best_reference_filters_and_overrides(scripted):
     server, seen = scripted
     judge = LLMJudgeReward(GenerationClient(server.url), batch_size=2)
     template = "Q={PROBLEM} R={REFERENCE_SOLUTION} C={CANDIDATE_SOLUTION} -> REWARD: <score>"
-    scores = judge([
-        RewardSample("Paris", ["Lyon", "Paris"], extra_info={"problem": "p"}),
-        RewardSample("Paris", ["Lyon", "Paris"], extra_info={"problem": "p", "target_gt": "Lyon",
-                                                             "prompt_template": template, "temperature": 0.2,
-                                                             "enable_thinking": True}),
-    ])
+    scores = judge(
+        [
+            RewardSample("Paris", ["Lyon", "Paris"], extra_info={"problem": "p"}),
+            RewardSample(
+                "Paris",
+                ["Lyon", "Paris"],
+                extra_info={
+                    "problem": "p",
+                    "target_gt": "Lyon",
+                    "prompt_template": template,
+                    "temperature": 0.2,
+                    "enable_thinking": True,
+                },
+            ),
+        ]
+    )
     assert scores == [0.9, 0.5]  # the custom template has no "Candidate solution:" line: default reply
     custom = [b for b in seen if b["messages"][0]["content"].startswith("Q=p R=Lyon C=Paris")]
     assert len(custom) == 1 and custom[0]["temperature"] == 0.2
@@ -169,8 +209,9 @@ def test_judge_reward_verl_forms_agree(scripted):
 
 
 def test_judge_server_down_scores_zero_and_counts():
-    judge = LLMJudgeReward(GenerationClient(f"http://127.0.0.1:{free_port()}", timeout=1, max_retries=1,
-                                            model_name="m"))
+    judge = LLMJudgeReward(
+        GenerationClient(f"http://127.0.0.1:{free_port()}", timeout=1, max_retries=1, model_name="m")
+    )
     judge.generator.http.backoff_s = 0.05
     started = time.monotonic()
     assert judge([RewardSample("a", "b"), RewardSample("c", "d")]) == [0.0, 0.0]

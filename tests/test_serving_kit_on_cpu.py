@@ -25,8 +25,12 @@ class Items(BaseModel):
 
 def kit_app(settings: ServerSettings, shutdown_log: list | None = None):
     """create_app plus a few routes that exercise it."""
-    app = create_app("kit", settings, health=lambda: {"model": "none"},
-                     on_shutdown=[lambda: shutdown_log.append("closed")] if shutdown_log is not None else [])
+    app = create_app(
+        "kit",
+        settings,
+        health=lambda: {"model": "none"},
+        on_shutdown=[lambda: shutdown_log.append("closed")] if shutdown_log is not None else [],
+    )
     attempts = {"n": 0}
 
     @app.post("/sum")
@@ -59,8 +63,9 @@ def kit_app(settings: ServerSettings, shutdown_log: list | None = None):
 
 @pytest.fixture(scope="module")
 def kit():
-    settings = ServerSettings(max_body_bytes=2000, max_batch_items=10, max_concurrency=2, max_queue=1,
-                              acquire_timeout_s=0.2)
+    settings = ServerSettings(
+        max_body_bytes=2000, max_batch_items=10, max_concurrency=2, max_queue=1, acquire_timeout_s=0.2
+    )
     with ThreadServer(kit_app(settings)) as server:
         yield server
 
@@ -112,8 +117,11 @@ def test_unknown_route_and_server_errors_are_json(kit):
     assert missing.status_code == 404 and missing.json()["error_type"] == "not_found"
     boom = httpx.get(f"{kit.url}/boom")
     assert boom.status_code == 500 and "kaboom" in boom.json()["error"]
-    assert httpx.get(f"{kit.url}/teapot").json() == {"error": "short and stout", "error_type": "validation",
-                                                       "code": 418}
+    assert httpx.get(f"{kit.url}/teapot").json() == {
+        "error": "short and stout",
+        "error_type": "validation",
+        "code": 418,
+    }
     assert httpx.get(f"{kit.url}/health").status_code == 200
 
 
@@ -189,8 +197,9 @@ def test_micro_batcher_merges_concurrent_requests():
 
     async def main():
         batcher = MicroBatcher(double, max_batch_size=8, max_wait_ms=20)
-        results = await asyncio.gather(*(batcher.submit([i, i + 100], key="k") for i in range(10)),
-                                       batcher.submit([7], key="other"))
+        results = await asyncio.gather(
+            *(batcher.submit([i, i + 100], key="k") for i in range(10)), batcher.submit([7], key="other")
+        )
         await batcher.close()
         return results
 
