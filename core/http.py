@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 import httpx
+import orjson
 
 from core.errors import ServiceError
 
@@ -99,7 +100,7 @@ class HTTPClient:
                 log.debug("attempt %d failed: %s", attempt + 1, last)
                 continue
             if response.status_code < 400:
-                return response.json() if response.content else None
+                return orjson.loads(response.content) if response.content else None
             last = ServiceError(
                 f"{method} {self.base_url}{path} -> HTTP {response.status_code}: {_server_message(response)}",
                 status=response.status_code,

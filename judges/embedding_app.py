@@ -18,7 +18,8 @@ import logging
 from typing import Literal
 
 import numpy as np
-from fastapi import FastAPI
+import orjson
+from fastapi import FastAPI, Response
 from hydra.utils import instantiate
 from pydantic import BaseModel, PositiveInt, StrictBool
 
@@ -26,9 +27,14 @@ from core.app import ServerSettings, check_batch_size, create_app
 from core.batcher import MicroBatcher
 from core.errors import APIError
 from core.serving import serve
-from judges.embedding_engine import EmbeddingEngine, finish_vectors
+from judges.embedding_engine import EmbeddingEngine, InputTooLong, finish_vectors
 
 log = logging.getLogger(__name__)
+
+
+def _json(content) -> Response:
+    """JSON with numpy arrays serialised natively (FastAPI's encoder walks every float: ~50x slower)."""
+    return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
 
 class EmbedRequest(BaseModel):
@@ -91,15 +97,10 @@ def embedding_app(
         if dimensions is not None and dimensions > engine.dimension:
             raise APIError(422, f"dimensions {dimensions} > model dimension {engine.dimension}")
         if not truncate:
-            lengths = engine.count_tokens(texts)
-            worst = max(range(len(texts)), key=lengths.__getitem__)
-            if lengths[worst] > engine.max_input_length:
-                raise APIError(
-                    413,
-                    f"input {worst} has {lengths[worst]} tokens, more than the maximum "
-                    f"{engine.max_input_length}; send truncate=true to cut it",
-                    "validation",
-                )
+            try:
+                engine.check_lengths(texts)
+            except InputTooLong as exc:
+                raise APIError(413, str(exc), "validation") from None
         vectors = await batcher.submit(texts, key=direction.lower())
         return finish_vectors(np.stack(vectors), normalize, dimensions)
 
@@ -109,7 +110,7 @@ def embedding_app(
         vectors = await embed(
             texts, req.normalize, req.truncate, req.truncation_direction, req.dimensions, req.prompt_name
         )
-        return vectors.tolist()
+        return _json(vectors)
 
     @app.get("/info")
     async def _info():
@@ -129,19 +130,17 @@ def embedding_app(
         vectors = await embed(texts, True, True, "right", req.dimensions, None)
         data = []
         for i, vec in enumerate(vectors):
-            value = (
-                base64.b64encode(vec.astype("<f4").tobytes()).decode()
-                if req.encoding_format == "base64"
-                else vec.tolist()
-            )
+            value = base64.b64encode(vec.astype("<f4").tobytes()).decode() if req.encoding_format == "base64" else vec
             data.append({"object": "embedding", "index": i, "embedding": value})
         tokens = sum(engine.count_tokens(texts))
-        return {
-            "object": "list",
-            "data": data,
-            "model": engine.name,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
+        return _json(
+            {
+                "object": "list",
+                "data": data,
+                "model": engine.name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
 
     return app
 

@@ -21,7 +21,7 @@ def finish_vectors(vectors: np.ndarray, normalize: bool, dimensions: int | None)
         vectors = vectors[:, :dimensions]
     if normalize:
         vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    return vectors
+    return np.ascontiguousarray(vectors)
 
 
 class EmbeddingEngine:
@@ -58,6 +58,15 @@ class EmbeddingEngine:
         """Tokens per text, special tokens included (what the model's length limit counts)."""
         return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
 
+    def check_lengths(self, texts: Sequence[str]) -> None:
+        """Raise ``InputTooLong`` for the first text longer than the model accepts."""
+        for i, n in enumerate(self.count_tokens(texts)):
+            if n > self.max_input_length:
+                raise InputTooLong(
+                    f"input {i} has {n} tokens, more than the maximum {self.max_input_length}; "
+                    "send truncate=true to cut it"
+                )
+
     def _truncate_left(self, texts: Sequence[str], lengths: list[int]) -> list[str]:
         keep = self.max_input_length - 2  # room for [CLS] and [SEP]
         out = []
@@ -86,17 +95,10 @@ class EmbeddingEngine:
             return np.zeros((0, dimensions or self.dimension), dtype=np.float32)
         if dimensions is not None and not 0 < dimensions <= self.dimension:
             raise ValueError(f"dimensions must be in [1, {self.dimension}], got {dimensions}")
-        lengths = self.count_tokens(texts)
         if not truncate:
-            too_long = [i for i, n in enumerate(lengths) if n > self.max_input_length]
-            if too_long:
-                i = too_long[0]
-                raise InputTooLong(
-                    f"input {i} has {lengths[i]} tokens, more than the maximum "
-                    f"{self.max_input_length}; send truncate=true to cut it"
-                )
+            self.check_lengths(texts)
         elif truncation_direction.lower() == "left":
-            texts = self._truncate_left(texts, lengths)
+            texts = self._truncate_left(texts, self.count_tokens(texts))
         with self._lock:
             vectors = self.model.encode(
                 texts,

@@ -229,3 +229,19 @@ def test_concurrent_requests_share_model_calls(embedding_server):
     calls = embedding_server.metric("embedding_batch_items_count") - calls_before
     assert all(len(r) == 1 and len(r[0]) == 384 for r in results)
     assert calls < 16
+
+
+def test_verl_entry_point_reads_the_seed_env(embedding_server, monkeypatch):
+    from judges import verl_rewards
+
+    monkeypatch.setenv("EMBEDDING_SERVER_URL", embedding_server.url)
+    verl_rewards._embedding.cache_clear()
+    try:
+        refs = ["A cat sleeps.", "Dogs bark loudly."]
+        single = verl_rewards.embedding_compute_score("ds", "A cat naps.", refs, None)
+        batched = verl_rewards.embedding_compute_score(
+            data_sources=["ds"], solution_strs=["A cat naps."], ground_truths=[refs], extra_infos=[None]
+        )
+        assert single > 0.8 and batched == [pytest.approx(single)]
+    finally:
+        verl_rewards._embedding.cache_clear()

@@ -241,3 +241,19 @@ def test_in_process_engine_and_client_share_one_interface(judge_server, tiny_mod
     judge = LLMJudgeReward(engine, max_new_tokens=6)
     scores = judge([RewardSample("x", "y"), RewardSample("z", "w")])
     assert all(0.0 <= s <= 1.0 for s in scores) and judge.stats["judge_calls"] == 2
+
+
+def test_verl_entry_point_reads_the_seed_env(scripted, monkeypatch):
+    from judges import verl_rewards
+
+    server, seen = scripted
+    monkeypatch.setenv("LLM_JUDGE_SERVER_URL", server.url)
+    monkeypatch.setenv("LLM_JUDGE_SERVER_TIMEOUT", "5")
+    verl_rewards._judge.cache_clear()
+    try:
+        assert verl_rewards.llm_judge_compute_score("ds", "Paris", "Paris", {"problem": "Capital?"}) == 0.9
+        assert verl_rewards.llm_judge_compute_score(
+            data_sources=["ds"] * 2, solution_strs=["Lyon", "Paris"], ground_truths=["Paris"] * 2, extra_infos=None
+        ) == [0.1, 0.9]
+    finally:
+        verl_rewards._judge.cache_clear()
