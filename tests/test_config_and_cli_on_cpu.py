@@ -82,6 +82,7 @@ def test_cfg_job_prints_the_resolved_service_config():
     assert cfg.model.name_or_path == "sentence-transformers/all-MiniLM-L6-v2"
 
 
+@pytest.mark.slow
 def test_default_run_writes_scores_and_summary(tmp_path):
     result = run_cli(
         "logger=none", f"hydra.run.dir={tmp_path}", "reward.components.llm_judge.fn.max_new_tokens=8", timeout=300
@@ -98,6 +99,7 @@ def test_default_run_writes_scores_and_summary(tmp_path):
     assert (tmp_path / ".hydra" / "config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_default_run_logs_to_offline_wandb(tmp_path):
     result = run_cli(f"hydra.run.dir={tmp_path}", "evaluation.limit=2", "reward=embedding", timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]

@@ -1,0 +1,24 @@
+PY ?= .venv/bin/python
+
+.PHONY: help install test test-fast bench lint format
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+install:  ## create .venv and install the project with its test extras
+	python3 -m venv .venv && .venv/bin/pip install -q -e ".[dev]"
+
+test:  ## the whole test suite (real servers on loopback, tiny models)
+	$(PY) -m pytest
+
+test-fast:  ## the suite without tests marked slow
+	$(PY) -m pytest -m "not slow"
+
+bench:  ## every benchmark, each printing its ratios
+	$(PY) benchmarks/embedding.py && $(PY) benchmarks/judge.py
+
+lint:  ## ruff lint and format check
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+format:  ## apply ruff's fixes and formatting
+	$(PY) -m ruff check --fix . && $(PY) -m ruff format .
