@@ -28,11 +28,11 @@ def throughput(server: LocalServer, requests: int, params: SamplingParams) -> tu
         [{"role": "user", "content": f"Grade candidate {i} against the reference."}] for i in range(requests)
     ]
     client.chat(conversations[:4], params)  # warm-up
-    before = server.metric("generation_generate_calls_total")
+    before = server.metric("generation_model_calls_total")
     started = time.perf_counter()
     client.chat(conversations, params)
     rate = requests / (time.perf_counter() - started)
-    return rate, server.metric("generation_generate_calls_total") - before
+    return rate, server.metric("generation_model_calls_total") - before
 
 
 def main() -> None:

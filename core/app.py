@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.batcher import MicroBatcher
 from core.errors import APIError, error_body
 
 log = logging.getLogger(__name__)
@@ -298,6 +299,28 @@ def create_app(
         return Response(generate_latest(app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def add_batcher(app: FastAPI, fn, max_batch_size: int, max_wait_ms: float) -> MicroBatcher:
+    """A micro-batcher for the app's model, counted in ``/metrics`` and stopped at shutdown.
+
+    Metrics (under the app's namespace): ``model_calls_total`` (one per merged batch),
+    ``model_items_total`` (items that reached the model) and the ``batch_items`` histogram.
+    """
+    metrics: ServiceMetrics = app.state.metrics
+    calls = metrics.counter("model_calls", "model calls (one per merged batch)")
+    items = metrics.counter("model_items", "items that went through the model")
+    buckets = tuple(2**k for k in range(max(1, max_batch_size).bit_length() + 1))
+    sizes = metrics.histogram("batch_items", "items per model call", buckets)
+
+    def on_batch(n: int) -> None:
+        calls.inc()
+        items.inc(n)
+        sizes.observe(n)
+
+    batcher = MicroBatcher(fn, max_batch_size, max_wait_ms, on_batch=on_batch)
+    app.state.shutdown_hooks.append(batcher.close)
+    return batcher
 
 
 def check_batch_size(n: int, settings: ServerSettings, what: str = "items") -> None:

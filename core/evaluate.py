@@ -104,9 +104,8 @@ def run(cfg) -> dict:
         if "by_kind" in summary:
             console.print(_table("Mean reward by kind", "kind", list(summary["by_kind"].items()), names))
         for name, stats in summary["failures"].items():
-            failed = {k: v for k, v in stats.items() if k in FAILURE_KEYS and v}
-            if failed:
-                console.print(f"[yellow]{name}[/yellow] failures: {failed} (of {stats['samples']} samples)")
+            if any(stats.get(k) for k in FAILURE_KEYS):
+                console.print(f"[yellow]{name}[/yellow]: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
         if summary["failures"].get("llm_judge", {}).get("parse_failures"):
             console.print(
                 "the judge wrote no `REWARD: x` for some samples; a tiny random judge never does: "

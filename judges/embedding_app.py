@@ -23,8 +23,7 @@ from fastapi import FastAPI, Response
 from hydra.utils import instantiate
 from pydantic import BaseModel, PositiveInt, StrictBool
 
-from core.app import ServerSettings, check_batch_size, create_app
-from core.batcher import MicroBatcher
+from core.app import ServerSettings, add_batcher, check_batch_size, create_app
 from core.errors import APIError
 from core.serving import serve
 from judges.embedding_engine import EmbeddingEngine, InputTooLong, finish_vectors
@@ -68,20 +67,11 @@ def embedding_app(
         metrics_namespace="embedding",
         health=lambda: {"model": engine.name, "device": str(engine.device)},
     )
-    metrics = app.state.metrics
-    texts_total = metrics.counter("texts_embedded", "texts that went through the model")
-    batch_items = metrics.histogram("batch_items", "texts per model call", (1, 2, 4, 8, 16, 32, 64, 128, 256))
-
-    def on_batch(n: int) -> None:
-        texts_total.inc(n)
-        batch_items.observe(n)
 
     def run_batch(texts: list[str], direction: str) -> list[np.ndarray]:
         return list(engine.embed(texts, normalize=False, truncate=True, truncation_direction=direction))
 
-    batcher = MicroBatcher(run_batch, max_batch_size, max_wait_ms, on_batch=on_batch)
-    app.state.batcher = batcher
-    app.state.shutdown_hooks.append(batcher.close)
+    batcher = add_batcher(app, run_batch, max_batch_size, max_wait_ms)
 
     async def embed(
         texts: list[str],

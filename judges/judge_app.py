@@ -23,8 +23,7 @@ from fastapi import FastAPI
 from hydra.utils import instantiate
 from pydantic import BaseModel, Field, PositiveInt
 
-from core.app import ServerSettings, check_batch_size, create_app
-from core.batcher import MicroBatcher
+from core.app import ServerSettings, add_batcher, check_batch_size, create_app
 from core.errors import APIError
 from core.generation import Completion, GenerationEngine, SamplingParams, apply_stop
 from core.serving import serve
@@ -114,21 +113,7 @@ def judge_app(
         metrics_namespace="generation",
         health=lambda: {"model": engine.name, "device": str(engine.device)},
     )
-    metrics = app.state.metrics
-    prompts_total = metrics.counter("prompts_generated", "prompts that went through generate")
-    calls_total = metrics.counter("generate_calls", "model generate calls (one per merged batch)")
-    batch_items = metrics.histogram("batch_items", "prompts per generate call", (1, 2, 4, 8, 16, 32, 64))
-
-    def on_batch(n: int) -> None:
-        prompts_total.inc(n)
-        calls_total.inc()
-        batch_items.observe(n)
-
-    batcher = MicroBatcher(
-        lambda prompts, params: engine.complete(prompts, params), max_batch_size, max_wait_ms, on_batch=on_batch
-    )
-    app.state.batcher = batcher
-    app.state.shutdown_hooks.append(batcher.close)
+    batcher = add_batcher(app, lambda prompts, params: engine.complete(prompts, params), max_batch_size, max_wait_ms)
 
     def sampling(req: Sampling, default_tokens: int) -> SamplingParams:
         if req.stream:

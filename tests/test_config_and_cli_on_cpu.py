@@ -162,3 +162,13 @@ def test_launch_cli_prints_both_forms():
 def test_outputs_dir_is_ignored_except_its_readme():
     ignore = (ROOT / ".gitignore").read_text()
     assert "/outputs/*" in ignore and Path(ROOT / "outputs" / "README.md").exists()
+
+
+@pytest.mark.parametrize("launcher", ["basic", "submitit_local", "submitit_slurm"])
+def test_hydra_launchers_compose(launcher):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    target = cfg.hydra.launcher._target_
+    assert target.endswith(
+        {"basic": "BasicLauncher", "submitit_local": "LocalLauncher", "submitit_slurm": "SlurmLauncher"}[launcher]
+    )

@@ -120,17 +120,17 @@ def test_verl_trl_and_batched_forms_agree(client):
 def test_cache_hits_skip_the_server(embedding_server, client):
     reward = EmbeddingSimilarityReward(client, cache_enabled=True)
     samples = [RewardSample("a brand new sentence for the cache", "another reference sentence")]
-    before = embedding_server.metric("embedding_texts_embedded_total")
+    before = embedding_server.metric("embedding_model_items_total")
     first = reward(samples)
-    middle = embedding_server.metric("embedding_texts_embedded_total")
+    middle = embedding_server.metric("embedding_model_items_total")
     second = reward(samples)
-    after = embedding_server.metric("embedding_texts_embedded_total")
+    after = embedding_server.metric("embedding_model_items_total")
     assert middle - before == 2 and after == middle  # the second call never reached the model
     assert first == second and reward.cache_counts() == (2, 2)
     uncached = reward(
         [RewardSample(samples[0].completion, samples[0].ground_truth, extra_info={"cache_enabled": False})]
     )
-    assert embedding_server.metric("embedding_texts_embedded_total") == after + 2 and uncached == first
+    assert embedding_server.metric("embedding_model_items_total") == after + 2 and uncached == first
 
 
 def test_batched_form_sends_one_request_per_chunk(embedding_server):
@@ -218,7 +218,7 @@ def test_bad_embed_requests(embedding_server, body, status, phrase):
 def test_concurrent_requests_share_model_calls(embedding_server):
     from concurrent.futures import ThreadPoolExecutor
 
-    calls_before = embedding_server.metric("embedding_batch_items_count")
+    calls_before = embedding_server.metric("embedding_model_calls_total")
     with ThreadPoolExecutor(16) as pool:
         results = list(
             pool.map(
@@ -226,7 +226,7 @@ def test_concurrent_requests_share_model_calls(embedding_server):
                 range(16),
             )
         )
-    calls = embedding_server.metric("embedding_batch_items_count") - calls_before
+    calls = embedding_server.metric("embedding_model_calls_total") - calls_before
     assert all(len(r) == 1 and len(r[0]) == 384 for r in results)
     assert calls < 16
 

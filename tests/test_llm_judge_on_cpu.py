@@ -64,7 +64,7 @@ def test_thinking_switch_reaches_the_chat_template(oai):
 
 
 def test_concurrent_requests_are_micro_batched(judge_server, oai):
-    before = judge_server.metric("generation_generate_calls_total", AUTH)
+    before = judge_server.metric("generation_model_calls_total", AUTH)
 
     def one(i):
         return oai.chat.completions.create(
@@ -77,7 +77,7 @@ def test_concurrent_requests_are_micro_batched(judge_server, oai):
 
     with ThreadPoolExecutor(16) as pool:
         replies = list(pool.map(one, range(16)))
-    calls = judge_server.metric("generation_generate_calls_total", AUTH) - before
+    calls = judge_server.metric("generation_model_calls_total", AUTH) - before
     assert all(len(r.choices) == 1 for r in replies)
     assert calls < 16 / 2
 
