@@ -90,6 +90,13 @@ def run(cfg) -> dict:
                 f.write(json.dumps(row) + "\n")
         summary = {**summarize(scored, names), "seconds": seconds, "failures": mix.stats()}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        final = {
+            "final_reward": summary["mean"]["total"],
+            "steps": 0,
+            "overrides": list(HydraConfig.get().overrides.task),
+            "components": {f"reward/{k}": v for k, v in summary["mean"].items()},
+        }
+        (out_dir / "final.json").write_text(json.dumps(final, indent=2))
         tracker.summary({f"mean/{k}": v for k, v in summary["mean"].items()})
 
         console = Console()

@@ -113,7 +113,6 @@ class GenerationEngine:
         enc = self.tokenizer(
             prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_input, add_special_tokens=False
         )
-        enc.pop("token_type_ids", None)  # BERT-style tokenizers add them; causal LMs reject them
         enc = enc.to(self.device)
         sampling = params.temperature > 0
         # Greedy decoding gives the same sequence n times (as vLLM does); generate it once.

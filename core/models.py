@@ -78,6 +78,8 @@ def _packaged_tokenizer():
     tok.eos_token = "[SEP]"
     tok.bos_token = "[CLS]"
     tok.chat_template = TINY_CHAT_TEMPLATE
+    # Causal LMs take no token_type_ids; without this, generate() (ours and TRL's) rejects them.
+    tok.model_input_names = ["input_ids", "attention_mask"]
     return tok
 
 

@@ -135,7 +135,7 @@ def _text(item: Any) -> str:
     return str(item)
 
 
-def trl_reward_func(reward: RewardFunction) -> Callable[..., list[float]]:
+def trl_reward_func(reward: RewardFunction, name: str | None = None) -> Callable[..., list[float]]:
     """TRL's ``reward_func(prompts, completions, **kwargs)``; the ground truth comes from the
     first dataset column named ``ground_truth``, ``solution``, ``answer`` or ``answers``, and an
     ``extra_info`` column (dicts) is passed through."""
@@ -152,5 +152,5 @@ def trl_reward_func(reward: RewardFunction) -> Callable[..., list[float]]:
         ]
         return [float(s) for s in reward(samples)]
 
-    reward_func.__name__ = reward.name  # TRL logs each reward under its function's name
+    reward_func.__name__ = name or reward.name  # TRL logs each reward under its function's name
     return reward_func

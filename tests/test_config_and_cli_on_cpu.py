@@ -84,9 +84,7 @@ def test_cfg_job_prints_the_resolved_service_config():
 
 @pytest.mark.slow
 def test_default_run_writes_scores_and_summary(tmp_path):
-    result = run_cli(
-        "logger=none", f"hydra.run.dir={tmp_path}", "reward.components.llm_judge.fn.max_new_tokens=8", timeout=300
-    )
+    result = run_cli("eval=rewards", "logger=none", f"hydra.run.dir={tmp_path}", "judge.max_new_tokens=8", timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]
     assert "Mean reward by kind" in result.stdout
     rows = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
@@ -101,7 +99,7 @@ def test_default_run_writes_scores_and_summary(tmp_path):
 
 @pytest.mark.slow
 def test_default_run_logs_to_offline_wandb(tmp_path):
-    result = run_cli(f"hydra.run.dir={tmp_path}", "evaluation.limit=2", "reward=embedding", timeout=300)
+    result = run_cli("eval=rewards", f"hydra.run.dir={tmp_path}", "evaluation.limit=2", "reward=embedding", timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 

@@ -1,0 +1,233 @@
+"""GRPO training through run.py with tiny models: learning, artefacts, resume, served rewards, sweeps."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import JUDGE_KEY, ROOT, run_cli
+from core.local_server import LocalServer
+
+FAST = ["logger=none", "trainer.max_steps=3", "trainer.save_strategy=no"]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def samples(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_tiny_policy_learns_a_learnable_reward(tmp_path):
+    from safetensors.torch import load_file
+
+    result = run_cli("experiment=learn_digits", "logger=none", f"hydra.run.dir={tmp_path}", "seed=0", timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:]
+    rewards = [row["reward/total"] for row in metrics(tmp_path)]
+    start, end = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert len(rewards) == 60
+    assert end > start + 0.1 and end > 2 * start, (start, end)
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    lora_b = {k: v for k, v in weights.items() if "lora_B" in k}
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b.values())  # B starts at zero: every one moved
+
+
+@pytest.mark.slow
+def test_quickstart_leaves_every_artefact_in_time(tmp_path):
+    started = time.monotonic()
+    result = run_cli(f"hydra.run.dir={tmp_path}", timeout=400)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert elapsed < 180, elapsed
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    for key in (
+        "reward/total",
+        "reward/exact_match",
+        "reward/embedding",
+        "reward/llm_judge",
+        "loss",
+        "kl",
+        "lr",
+        "samples_per_s",
+        "failures/llm_judge/parse_failures",
+    ):
+        assert rows[-1][key] is not None, key
+    total = rows[-1]["reward/exact_match"] + rows[-1]["reward/embedding"] + rows[-1]["reward/llm_judge"]
+    assert rows[-1]["reward/total"] == pytest.approx(total, abs=1e-5)
+    assert (tmp_path / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    assert "trainer:" in (tmp_path / "config_resolved.yaml").read_text()
+    assert {s["step"] for s in samples(tmp_path)} == set(range(1, 31))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-30"]
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    assert json.loads((tmp_path / "final.json").read_text())["steps"] == 30
+
+
+def test_resume_continues_from_the_latest_checkpoint(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["logger=none", "reward=exact_match", "trainer.save_steps=2", "trainer.save_total_limit=1"]
+    assert run_cli(*common, "trainer.max_steps=4", f"hydra.run.dir={first}").returncode == 0
+    assert [p.name for p in (first / "checkpoints").glob("checkpoint-*")] == ["checkpoint-4"]  # older ones removed
+    result = run_cli(*common, "trainer.max_steps=6", f"resume={first}", f"hydra.run.dir={second}")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert [r["step"] for r in metrics(second)] == [5, 6]
+
+
+def test_cleanup_keeps_only_the_final_adapter(tmp_path):
+    result = run_cli(
+        "logger=none",
+        "reward=exact_match",
+        "trainer.max_steps=2",
+        "trainer.save_steps=1",
+        "checkpoints.cleanup_at_end=true",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert not list((tmp_path / "checkpoints").glob("checkpoint-*"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_served_rewards_equal_embedded_rewards(tmp_path):
+    # Greedy judging keeps the judge from drawing on the trainer's random stream, so both runs
+    # sample the same completions and must score them the same.
+    same = [*FAST, "reward.components.llm_judge.fn.temperature=0", "judge.max_new_tokens=8"]
+    local = tmp_path / "local"
+    assert run_cli(*same, f"hydra.run.dir={local}").returncode == 0
+    with (
+        LocalServer(tmp_path, "service=embedding") as emb,
+        LocalServer(tmp_path, "service=llm_judge", env={"LLM_JUDGE_SERVER_API_KEY": JUDGE_KEY}) as judge,
+    ):
+        remote = tmp_path / "remote"
+        result = run_cli(
+            *same,
+            "judge=remote",
+            f"judge.url={judge.url}",
+            "embedder=remote",
+            f"embedder.url={emb.url}",
+            f"hydra.run.dir={remote}",
+            env={"LLM_JUDGE_SERVER_API_KEY": JUDGE_KEY},
+        )
+        assert result.returncode == 0, result.stdout[-3000:]
+        assert judge.metric("generation_model_calls_total", {"Authorization": f"Bearer {JUDGE_KEY}"}) >= 3
+    for a, b in zip(samples(local), samples(remote), strict=True):
+        assert a["completion"] == b["completion"]
+        assert a["rewards"] == pytest.approx(b["rewards"], abs=1e-4)
+    for a, b in zip(metrics(local), metrics(remote), strict=True):
+        assert a["reward/total"] == pytest.approx(b["reward/total"], abs=1e-4)
+    assert metrics(remote)[-1]["failures/embedding/requests_failed"] == 0
+
+
+@pytest.mark.slow
+def test_reward_server_dying_mid_run_does_not_stop_training(tmp_path):
+    server = LocalServer(tmp_path, "service=embedding").start()
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "run.py"),
+            "logger=none",
+            "reward=embedding",
+            "embedder=remote",
+            f"embedder.url={server.url}",
+            "embedder.timeout=2",
+            "trainer.max_steps=8",
+            "trainer.save_strategy=no",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 2:
+                break
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.2)
+        server.proc.send_signal(signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        server.stop()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    rows = metrics(run_dir)
+    assert len(rows) == 8
+    assert rows[0]["failures/embedding/requests_failed"] == 0
+    assert rows[-1]["failures/embedding/requests_failed"] > 0  # counted, and the steps went on (lexical fallback)
+    assert all(r["reward/embedding"] > 0 for r in rows)
+    assert "falling back to lexical similarity" in out
+
+
+def test_multirun_of_four_jobs_writes_their_dirs_and_a_summary(tmp_path):
+    result = run_cli(
+        "-m",
+        "seed=1,2",
+        "lora.r=4,8",
+        "reward=exact_match",
+        "logger=none",
+        "trainer.max_steps=2",
+        "trainer.save_strategy=no",
+        f"hydra.sweep.dir={tmp_path}",
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "final.json").exists())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    assert json.loads((jobs[3] / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    with open(tmp_path / "sweep_summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["setting"] for r in rows} == {"lora.r=4", "lora.r=8"}
+    assert all(r["overrides"].startswith(("seed=1 lora.r=", "seed=2 lora.r=")) for r in rows)
+    assert (tmp_path / "sweep_summary.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_deepspeed_zero3_config_is_accepted_by_deepspeed():
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from core.layout import accelerate_config, layout_for
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["deepspeed=zero3", "gpus=4"])
+    ds = OmegaConf.to_container(cfg.deepspeed.config, resolve=True)
+    parsed = DeepSpeedConfig(ds)
+    assert parsed.zero_optimization_stage == 3
+    assert parsed.zero_config.offload_param.device == "cpu" and parsed.zero_config.offload_optimizer.device == "cpu"
+    assert ds["bf16"] == {"enabled": True} and ds["optimizer"]["params"]["lr"] == cfg.trainer.learning_rate
+    assert parsed.train_batch_size == cfg.trainer.per_device_train_batch_size * cfg.trainer.gradient_accumulation_steps
+    layout = layout_for(4, ds)
+    acc = accelerate_config(layout, "/run/deepspeed.json")
+    assert (acc["distributed_type"], acc["num_processes"], acc["mixed_precision"]) == ("DEEPSPEED", 4, "bf16")
+    assert acc["deepspeed_config"] == {"deepspeed_config_file": "/run/deepspeed.json", "zero3_init_flag": True}
+
+
+def test_gpu_layouts_without_gpus(tmp_path):
+    from core.layout import accelerate_config, launch_command, layout_for, write_launch_files
+
+    assert layout_for(0).device == "cpu" and layout_for(0).num_processes == 1
+    plain = accelerate_config(layout_for(4))
+    assert (plain["distributed_type"], plain["num_processes"], plain["use_cpu"]) == ("MULTI_GPU", 4, False)
+    assert accelerate_config(layout_for(1))["distributed_type"] == "NO"
+    with pytest.raises(ValueError, match="DeepSpeed needs GPUs"):
+        layout_for(0, {"zero_optimization": {"stage": 2}})
+    acc_file, ds_file = write_launch_files(layout_for(2, {"zero_optimization": {"stage": 2}}), tmp_path)
+    assert ds_file is not None and json.loads(ds_file.read_text())["zero_optimization"]["stage"] == 2
+    command = launch_command(acc_file, ["run.py", "gpus=2", "hydra.run.dir=old"], tmp_path)
+    assert command[1:5] == ["-m", "accelerate.commands.launch", "--config_file", str(acc_file)]
+    assert command[-3:] == ["run.py", "gpus=2", f"hydra.run.dir={tmp_path}"]
