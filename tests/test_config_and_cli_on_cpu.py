@@ -14,7 +14,8 @@ from conftest import JUDGE_KEY, ROOT, free_port, run_cli
 from core.rewards import RewardMix
 
 CONF = ROOT / "conf"
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "reward_component")
+# reward_component and entailment are sub-groups, composed inside reward/ and ig/ options.
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("reward_component", "entailment"))
 
 
 def options(group: str) -> list[str]:
@@ -170,3 +171,19 @@ def test_hydra_launchers_compose(launcher):
     assert target.endswith(
         {"basic": "BasicLauncher", "submitit_local": "LocalLauncher", "submitit_slurm": "SlurmLauncher"}[launcher]
     )
+
+
+@pytest.mark.parametrize(
+    ("option", "cls"), [("nli", "NLIEntailment"), ("embedding", "EmbeddingEntailment"), ("exact", "ExactEntailment")]
+)
+def test_entailment_options_instantiate_inside_ig(option, cls):
+    engine = instantiate(composed(f"entailment@ig.entailment={option}").ig.backend)
+    assert type(engine).__name__ == "InfoGainEngine" and type(engine.entailment).__name__ == cls
+
+
+def test_ig_remote_is_a_client_with_the_seed_env(monkeypatch):
+    monkeypatch.setenv("IG_SERVICE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("IG_BATCH_SIZE", "64")
+    client = instantiate(composed("ig=remote", "reward=qa_em_ig").reward).components["qa_em_ig"][0].scorer
+    assert type(client).__name__ == "IGClient" and client.http.base_url == "http://127.0.0.1:9"
+    assert client.batch_size == 64 and client.http.timeout == 120.0

@@ -55,6 +55,25 @@ def test_multirun_through_submitit_slurm(slurm_cluster, tmp_path):
         assert {r["setting"] for r in csv.DictReader(f)} == {"evaluation.limit=2", "evaluation.limit=3"}
 
 
+def test_multirun_through_submitit_local(tmp_path):
+    result = run_cli(
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
+        "eval=rewards",
+        "reward=exact_match",
+        "logger=none",
+        "evaluation.limit=2,3",
+        f"hydra.sweep.dir={tmp_path}",
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert list((tmp_path / ".submitit").glob("*/*_log.out"))  # each job ran in its own submitit process
+    assert sorted(
+        json.loads((tmp_path / j / "final.json").read_text())["final_reward"] for j in ("0", "1")
+    ) == pytest.approx([1 / 3, 0.5])
+
+
 def test_ray_cluster_launcher_config_composes():
     if importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None:
         pytest.skip('hydra-ray-launcher is an optional extra: pip install -e ".[ray]"')

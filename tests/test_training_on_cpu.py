@@ -231,3 +231,35 @@ def test_gpu_layouts_without_gpus(tmp_path):
     command = launch_command(acc_file, ["run.py", "gpus=2", "hydra.run.dir=old"], tmp_path)
     assert command[1:5] == ["-m", "accelerate.commands.launch", "--config_file", str(acc_file)]
     assert command[-3:] == ["run.py", "gpus=2", f"hydra.run.dir={tmp_path}"]
+
+
+def test_user_jsonl_and_parquet_load_into_the_standard_columns(tmp_path):
+    from datasets import Dataset
+
+    from core.datasets import from_files
+
+    rows = [{"question": "Capital of Peru?", "answer": "Lima"}, {"question": "2+2?", "answer": ["4", "four"]}]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    Dataset.from_list([{"question": r["question"], "answer": str(r["answer"])} for r in rows]).to_parquet(
+        str(tmp_path / "train.parquet")
+    )
+    jsonl = from_files(str(tmp_path / "train.jsonl"), prompt_key="question", answer_key="answer")
+    assert jsonl[0]["prompt"] == [{"role": "user", "content": "Capital of Peru?"}]
+    assert jsonl[1]["ground_truth"] == ["4", "four"] and jsonl[0]["extra_info"]["problem"] == "Capital of Peru?"
+    parquet = from_files(str(tmp_path / "train.parquet"), prompt_key="question", answer_key="answer", as_chat=False)
+    assert parquet[0]["prompt"] == "Capital of Peru?" and parquet[0]["ground_truth"] == ["Lima"]
+    with pytest.raises(KeyError, match="lacks 'prompt'"):
+        from_files(str(tmp_path / "train.jsonl"))
+    result = run_cli(
+        "logger=none",
+        "reward=exact_match",
+        "trainer.max_steps=2",
+        "trainer.save_strategy=no",
+        "dataset=files",
+        f"dataset.path={tmp_path / 'train.jsonl'}",
+        "dataset.prompt_key=question",
+        "dataset.answer_key=answer",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert {s["prompt"] for s in samples(tmp_path / "run")} <= {"Capital of Peru?", "2+2?"}
