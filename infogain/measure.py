@@ -67,7 +67,8 @@ def cluster(texts: Sequence[str], probs: Callable[[str, str], np.ndarray], stric
     representatives: list[str] = []
     for text in texts:
         for cid, rep in enumerate(representatives):
-            if related(probs(text, rep), probs(rep, text), strictness):
+            # identical texts are equivalent without asking the model
+            if text == rep or related(probs(text, rep), probs(rep, text), strictness):
                 ids.append(cid)
                 break
         else:

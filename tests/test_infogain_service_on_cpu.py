@@ -171,3 +171,20 @@ def test_two_ray_workers_survive_one_killed_mid_request(tmp_path):
         assert after["num_workers"] == 1 and [w["alive"] for w in after["workers"]] == [False, True]
         again = httpx.post(f"{server.url}/compute_info_gain", json={"items": ITEMS}, timeout=120).json()
         assert again["errors"] == [None, None]
+
+
+def test_verl_entry_point_reads_the_seed_env(ig_server, monkeypatch):
+    from infogain import verl_rewards
+
+    monkeypatch.setenv("IG_SERVICE_URL", ig_server.url)
+    verl_rewards._reward.cache_clear()
+    try:
+        completion = "<information>Paris is the capital of France.</information><answer>Paris</answer>"
+        info = {"question": ITEMS[0]["question"]}
+        single = verl_rewards.qa_em_ig_compute_score("nq", completion, ["Paris"], info)
+        batched = verl_rewards.qa_em_ig_compute_score(
+            data_sources=["nq"], solution_strs=[completion], ground_truths=[["Paris"]], extra_infos=[info]
+        )
+        assert batched == [pytest.approx(single)] and single != 1.0  # EM 1 plus a non-zero IG term
+    finally:
+        verl_rewards._reward.cache_clear()

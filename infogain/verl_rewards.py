@@ -1,0 +1,28 @@
+"""Seed 000's EM + IG reward for verl's ``custom_reward_function``:
+
+    custom_reward_function:
+      path: infogain/verl_rewards.py
+      name: qa_em_ig_compute_score
+
+The InfoGain service comes from ``IG_SERVICE_URL`` / ``IG_BATCH_SIZE`` / ``IG_TIMEOUT`` (read at
+first use); when it cannot answer, the IG term is 0.0 and the EM part still counts.
+``extra_info.question`` (or ``problem``) is the question; ``ground_truth`` the gold answers.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from core.rewards import verl_compute_score
+from infogain.client import IGClient
+from infogain.reward import QAExactMatchIG
+
+
+@cache
+def _reward():
+    return verl_compute_score(QAExactMatchIG(IGClient(fallback="zero")))
+
+
+def qa_em_ig_compute_score(*args, **kwargs):
+    """EM of the last ``<answer>`` + 0.6 × ΔIG of the ``<information>`` blocks (single or batched form)."""
+    return _reward()(*args, **kwargs)
