@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -47,16 +47,12 @@ class ServerSettings:
     acquire_timeout_s: float = 30.0
     graceful_timeout_s: float = 10.0
     log_level: str = "info"
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, node) -> ServerSettings:
-        """Build from a mapping (an OmegaConf node or dict), ignoring ``None`` values."""
-        known = set(cls.__dataclass_fields__)
-        values = {k: v for k, v in dict(node or {}).items() if v is not None}
-        return cls(
-            **{k: v for k, v in values.items() if k in known}, extra={k: v for k, v in values.items() if k not in known}
-        )
+        """Build from a mapping (an OmegaConf node or dict); ``None`` values keep the defaults,
+        an unknown key is an error."""
+        return cls(**{k: v for k, v in dict(node or {}).items() if v is not None})
 
 
 class _Overloaded(Exception):

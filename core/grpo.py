@@ -214,7 +214,7 @@ def plot_rewards(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _relaunch(cfg, layout: Layout, run_dir: Path) -> dict:
+def _relaunch(layout: Layout, run_dir: Path) -> dict:
     accelerate_file, _ = write_launch_files(layout, run_dir)
     command = launch_command(accelerate_file, sys.argv, run_dir)
     log.info("launching %d processes: %s", layout.num_processes, " ".join(command))
@@ -227,7 +227,7 @@ def run(cfg) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     layout = layout_for(int(cfg.gpus), cfg.deepspeed.config)
     if needs_launcher(layout):
-        return _relaunch(cfg, layout, run_dir)
+        return _relaunch(layout, run_dir)
     (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     deepspeed_file = write_launch_files(layout, run_dir)[1] if layout.deepspeed else None
 

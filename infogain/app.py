@@ -32,15 +32,10 @@ class InfoGainRequest(BaseModel):
     items: list[Any]
 
 
-def infogain_app(
-    engine, settings: ServerSettings, max_batch_size: int = 64, max_wait_ms: float = 10.0, health: dict | None = None
-) -> FastAPI:
-    """The FastAPI app over ``engine`` (an ``InfoGainEngine`` or a ``WorkerPool``: same ``compute``)."""
+def infogain_app(engine, settings: ServerSettings, max_batch_size: int = 64, max_wait_ms: float = 10.0) -> FastAPI:
+    """The FastAPI app over ``engine`` (an ``InfoGainEngine`` or a ``WorkerPool``: same ``compute`` and ``health``)."""
     app = create_app(
-        "infogain",
-        settings,
-        metrics_namespace="infogain",
-        health=lambda: {"status": "healthy", **(engine.health() if hasattr(engine, "health") else health or {})},
+        "infogain", settings, metrics_namespace="infogain", health=lambda: {"status": "healthy", **engine.health()}
     )
     batcher = add_batcher(app, lambda items, _key: engine.compute(items), max_batch_size, max_wait_ms)
 
@@ -71,18 +66,12 @@ def run(cfg) -> None:
             gpus_per_worker=1 if int(cfg.gpus) > 0 else 0,
             call_timeout_s=float(cfg.ig.worker_timeout_s),
         )
-        health = None
     else:
         if cfg.ig.device and int(cfg.gpus) > 0:  # IG_DEVICE=cuda:N picks the GPU in single-GPU mode
             import torch
 
             torch.cuda.set_device(cfg.ig.device)
         engine = instantiate(cfg.engine)
-        health = {
-            "mode": "single-GPU" if int(cfg.gpus) > 0 else "single-process",
-            "device": str(engine.generator.device),
-            "num_workers": 1,
-        }
     settings = ServerSettings.from_config(cfg.server)
     log.info("infogain: %d worker(s), pid %d", workers, os.getpid())
-    serve(infogain_app(engine, settings, health=health, **cfg.batching), settings)
+    serve(infogain_app(engine, settings, **cfg.batching), settings)

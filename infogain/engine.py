@@ -93,6 +93,15 @@ class InfoGainEngine:
         self.sub_batch_size, self.chunk_size = sub_batch_size, computation_chunk_size
         self.estimator, self.strictness, self.metric = estimator, strictness, metric
 
+    def health(self) -> dict:
+        """This engine as ``/health`` reports it (a ``WorkerPool`` answers the same keys)."""
+        device = str(getattr(self.generator, "device", "cpu"))
+        return {
+            "mode": "single-GPU" if device.startswith("cuda") else "single-process",
+            "device": device,
+            "num_workers": 1,
+        }
+
     def prompt_for(self, question: str, context: str | None) -> str:
         """The brief-answer prompt, with the context cut to ``max_context_words`` words."""
         block = ""

@@ -70,7 +70,7 @@ def test_help_lists_the_groups():
     out = run_cli("--help", timeout=120).stdout
     for group in ("service", "model", "judge", "embedder", "reward", "logger", "check", "launch", "experiment"):
         assert f"{group}:" in out
-    assert "embedding, llm_judge" in out
+    assert "service: embedding, infogain, llm_judge" in out and "train: grpo" in out
 
 
 def test_cfg_job_prints_the_resolved_service_config():
