@@ -19,12 +19,10 @@ from hydra.utils import instantiate
 from rich.console import Console
 from rich.table import Table
 
-from core.rewards import RewardSample
+from core.rewards import FAILURE_KEYS, RewardSample
 from core.tracking import open_tracker
 
 log = logging.getLogger(__name__)
-
-FAILURE_KEYS = ("requests_failed", "fallback_samples", "parse_failures")
 
 
 def load_rows(path: str | None, limit: int | None = None) -> list[dict]:

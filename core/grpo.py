@@ -32,13 +32,11 @@ from transformers import ProgressCallback, TrainerCallback
 
 from core.layout import Layout, launch_command, layout_for, needs_launcher, write_launch_files
 from core.models import build_causal_lm, device_for, load_tokenizer
-from core.rewards import RewardMix, trl_reward_func
+from core.rewards import FAILURE_KEYS, RewardMix, as_text, trl_reward_func
 from core.tracking import open_tracker
 
 matplotlib.use("Agg")
 log = logging.getLogger(__name__)
-
-FAILURE_KEYS = ("requests_failed", "fallback_samples", "parse_failures")
 
 
 class RewardRecorder:
@@ -68,12 +66,6 @@ class RewardRecorder:
 
         reward_func.__name__ = name
         return reward_func
-
-
-def _text(item) -> str:
-    if isinstance(item, str):
-        return item
-    return str(item[-1]["content"]) if item else ""
 
 
 class RunLog(TrainerCallback):
@@ -132,8 +124,8 @@ class RunLog(TrainerCallback):
             for i in range(min(self.samples_per_step, len(last.get("completions") or []))):
                 sample = {
                     "step": step,
-                    "prompt": _text(last["prompts"][i]),
-                    "completion": _text(last["completions"][i]),
+                    "prompt": as_text(last["prompts"][i]),
+                    "completion": as_text(last["completions"][i]),
                     "rewards": {n: last[n][i] for n in names if n in last},
                 }
                 f.write(json.dumps(sample) + "\n")

@@ -19,6 +19,8 @@ from typing import Any, Protocol, runtime_checkable
 log = logging.getLogger(__name__)
 
 GROUND_TRUTH_KEYS = ("ground_truth", "solution", "answer", "answers")
+# Keys of a reward function's ``stats`` that count failures (logged by trainers and evaluation).
+FAILURE_KEYS = ("requests_failed", "fallback_samples", "parse_failures", "ig_errors")
 
 
 @dataclass
@@ -126,7 +128,7 @@ def verl_batched(reward: RewardFunction) -> Callable[..., list[float]]:
     return compute_score_batched
 
 
-def _text(item: Any) -> str:
+def as_text(item: Any) -> str:
     """A completion or prompt as text: TRL passes strings, or message lists for chat datasets."""
     if isinstance(item, str):
         return item
@@ -147,7 +149,7 @@ def trl_reward_func(reward: RewardFunction, name: str | None = None) -> Callable
         infos = kwargs.get("extra_info") or [None] * len(completions)
         prompts = prompts or [""] * len(completions)
         samples = [
-            RewardSample(_text(c), truths[i], _text(prompts[i]), dict(infos[i] or {}))
+            RewardSample(as_text(c), truths[i], as_text(prompts[i]), dict(infos[i] or {}))
             for i, c in enumerate(completions)
         ]
         return [float(s) for s in reward(samples)]
