@@ -70,7 +70,13 @@ def write_summary(sweep_dir: Path) -> list[dict]:
     means = [statistics.fmean(groups[k]) for k in labels]
     spread = [statistics.pstdev(groups[k]) if len(groups[k]) > 1 else 0.0 for k in labels]
     fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(labels)), 4))
-    ax.bar(range(len(labels)), means, yerr=spread, capsize=4, color="#4C72B0")
+    bars = ax.bar(range(len(labels)), means, yerr=spread, capsize=4, color="#4C72B0")
+    ax.bar_label(
+        bars,
+        labels=[f"{m:.3f} (n={len(groups[k])})" for m, k in zip(means, labels, strict=True)],
+        padding=3,
+        fontsize=8,
+    )
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("final reward (mean over seeds)")
     ax.set_title(f"{len(rows)} jobs, {len(labels)} settings")
