@@ -13,8 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import best_time, report  # noqa: E402
 from core.http import chunks  # noqa: E402
-from core.local_server import ROOT, LocalServer, free_port  # noqa: E402
+from core.local_server import ROOT, LocalServer  # noqa: E402
 from core.models import MINILM_ID, resolve_path  # noqa: E402
 from core.rewards import RewardSample  # noqa: E402
 from judges.embedding_client import EmbeddingClient  # noqa: E402
@@ -74,46 +72,27 @@ def load(url: str, path: str, batches: list[list[str]], clients: int, body) -> f
         return sum(map(len, batches)) / (time.perf_counter() - started)
 
 
-def start_infinity(log_dir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    log = open(log_dir / "infinity.log", "w")  # noqa: SIM115 - open for the server's lifetime
-    proc = subprocess.Popen(
-        [
-            str(INFINITY),
-            "v2",
-            "--model-id",
-            resolve_path(MINILM_ID),
-            "--served-model-name",
-            "minilm",
-            "--engine",
-            "torch",
-            "--device",
-            "cpu",
-            "--batch-size",
-            "32",
-            "--port",
-            str(port),
-            "--host",
-            "127.0.0.1",
-            "--no-model-warmup",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError((log_dir / "infinity.log").read_text()[-2000:])
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise TimeoutError("infinity did not start")
+def infinity_command(port: int) -> list[str]:
+    """infinity-emb serving the packaged MiniLM on the CPU at ``port``."""
+    return [
+        str(INFINITY),
+        "v2",
+        "--model-id",
+        resolve_path(MINILM_ID),
+        "--served-model-name",
+        "minilm",
+        "--engine",
+        "torch",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "32",
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--no-model-warmup",
+    ]
 
 
 def main() -> None:
@@ -162,17 +141,17 @@ def main() -> None:
             ours = max(load(server.url, "/embed", batches, args.clients, ours_body) for _ in range(2))
             rows.append(("ours texts/s (infinity-emb venv missing: see module doc)", f"{ours:.0f}/s", "-", "-"))
         else:
-            proc, url = start_infinity(Path(tmp))
+            env = {"HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
             theirs_body = lambda b: {"model": "minilm", "input": b}  # noqa: E731
+            peer = LocalServer(tmp, env=env, command=infinity_command).start(timeout=180)
             try:
-                load(url, "/embeddings", batches[:4], args.clients, theirs_body)  # warm-up
+                load(peer.url, "/embeddings", batches[:4], args.clients, theirs_body)  # warm-up
                 ours, theirs = 0.0, 0.0
                 for _ in range(2):  # alternate, so drifting machine load hits both alike
                     ours = max(ours, load(server.url, "/embed", batches, args.clients, ours_body))
-                    theirs = max(theirs, load(url, "/embeddings", batches, args.clients, theirs_body))
+                    theirs = max(theirs, load(peer.url, "/embeddings", batches, args.clients, theirs_body))
             finally:
-                proc.terminate()
-                proc.wait(timeout=30)
+                peer.stop()
             rows.append(
                 (
                     f"{args.clients} clients x batch {args.batch}: ours / infinity-emb texts/s",

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -29,20 +30,31 @@ def free_port() -> int:
 class LocalServer:
     """``python run.py <overrides> server.port=<free>`` in a subprocess, logging to ``log_dir``.
 
-    Use as a context manager, or call ``start()`` / ``stop()``.
+    ``command(port)`` replaces that with any other server answering ``GET /health`` (a peer
+    server in a benchmark, say). Use as a context manager, or call ``start()`` / ``stop()``.
     """
 
-    def __init__(self, log_dir: str | Path, *overrides: str, env: dict | None = None):
+    def __init__(
+        self,
+        log_dir: str | Path,
+        *overrides: str,
+        env: dict | None = None,
+        command: Callable[[int], list[str]] | None = None,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(log_dir) / f"server-{self.port}.log"
-        self.args = [
-            sys.executable,
-            str(ROOT / "run.py"),
-            *overrides,
-            f"server.port={self.port}",
-            f"hydra.run.dir={Path(log_dir) / f'run-{self.port}'}",
-        ]
+        self.args = (
+            command(self.port)
+            if command
+            else [
+                sys.executable,
+                str(ROOT / "run.py"),
+                *overrides,
+                f"server.port={self.port}",
+                f"hydra.run.dir={Path(log_dir) / f'run-{self.port}'}",
+            ]
+        )
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
 

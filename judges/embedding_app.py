@@ -68,8 +68,11 @@ def embedding_app(
         health=lambda: {"model": engine.name, "device": str(engine.device)},
     )
 
-    def run_batch(texts: list[str], direction: str) -> list[np.ndarray]:
-        return list(engine.embed(texts, normalize=False, truncate=True, truncation_direction=direction))
+    def run_batch(texts: list[str], key: tuple[str, str | None]) -> list[np.ndarray]:
+        direction, prompt_name = key
+        return list(
+            engine.embed(texts, normalize=False, truncate=True, truncation_direction=direction, prompt_name=prompt_name)
+        )
 
     batcher = add_batcher(app, run_batch, max_batch_size, max_wait_ms)
 
@@ -82,8 +85,12 @@ def embedding_app(
         prompt_name: str | None,
     ) -> np.ndarray:
         check_batch_size(len(texts), settings, "inputs")
-        if prompt_name is not None:
-            raise APIError(422, f"prompt_name {prompt_name!r} is not defined for model {engine.name}")
+        if prompt_name is not None and prompt_name not in engine.prompts:
+            raise APIError(
+                422,
+                f"prompt_name {prompt_name!r} is not defined for model {engine.name} "
+                f"(it defines {sorted(engine.prompts) or 'none'})",
+            )
         if dimensions is not None and dimensions > engine.dimension:
             raise APIError(422, f"dimensions {dimensions} > model dimension {engine.dimension}")
         if not truncate:
@@ -91,7 +98,7 @@ def embedding_app(
                 engine.check_lengths(texts)
             except InputTooLong as exc:
                 raise APIError(413, str(exc), "validation") from None
-        vectors = await batcher.submit(texts, key=direction.lower())
+        vectors = await batcher.submit(texts, key=(direction.lower(), prompt_name))
         return finish_vectors(np.stack(vectors), normalize, dimensions)
 
     @app.post("/embed")

@@ -32,6 +32,7 @@ class EmbeddingClient:
         truncate: bool = True,
         truncation_direction: str = "right",
         dimensions: int | None = None,
+        prompt_name: str | None = None,
     ) -> np.ndarray:
         """A ``(len(texts), dim)`` float32 array; raises ``ServiceError`` when the server cannot answer."""
         parts = []
@@ -44,6 +45,8 @@ class EmbeddingClient:
             }
             if dimensions is not None:
                 body["dimensions"] = dimensions
+            if prompt_name is not None:
+                body["prompt_name"] = prompt_name
             parts.append(np.asarray(self.http.post("/embed", body), dtype=np.float32))
         if not parts:
             return np.zeros((0, dimensions or 0), dtype=np.float32)

@@ -50,6 +50,8 @@ class EmbeddingEngine:
         self.tokenizer = self.model.tokenizer
         self.max_input_length = int(self.model.max_seq_length)
         self.dimension = int(self.model.get_embedding_dimension())
+        # Named instruction prefixes from the model's own config (e.g. Qwen3-Embedding's "query").
+        self.prompts = dict(getattr(self.model, "prompts", None) or {})
         self.max_batch_size = max_batch_size
         self.forward_calls = 0
         self._lock = threading.Lock()
@@ -85,16 +87,23 @@ class EmbeddingEngine:
         truncate: bool = True,
         truncation_direction: str = "right",
         dimensions: int | None = None,
+        prompt_name: str | None = None,
     ) -> np.ndarray:
         """A ``(len(texts), dim)`` float32 array of embeddings.
 
-        Raises ``InputTooLong`` when ``truncate`` is false and a text exceeds the model's limit.
+        Raises ``InputTooLong`` when ``truncate`` is false and a text exceeds the model's limit,
+        ``ValueError`` for a ``prompt_name`` the model does not define.
         """
         texts = list(texts)
         if not texts:
             return np.zeros((0, dimensions or self.dimension), dtype=np.float32)
         if dimensions is not None and not 0 < dimensions <= self.dimension:
             raise ValueError(f"dimensions must be in [1, {self.dimension}], got {dimensions}")
+        if prompt_name is not None and prompt_name not in self.prompts:
+            raise ValueError(
+                f"prompt_name {prompt_name!r} is not defined for model {self.name} "
+                f"(it defines {sorted(self.prompts) or 'none'})"
+            )
         if not truncate:
             self.check_lengths(texts)
         elif truncation_direction.lower() == "left":
@@ -106,6 +115,7 @@ class EmbeddingEngine:
                 convert_to_numpy=True,
                 normalize_embeddings=False,
                 show_progress_bar=False,
+                prompt_name=prompt_name,
             )
             self.forward_calls += 1
         return finish_vectors(vectors, normalize, dimensions)

@@ -245,3 +245,13 @@ def test_verl_entry_point_reads_the_seed_env(embedding_server, monkeypatch):
         assert single > 0.8 and batched == [pytest.approx(single)]
     finally:
         verl_rewards._embedding.cache_clear()
+
+
+def test_prompt_names_are_the_models_own(embedding_server):
+    plain = httpx.post(f"{embedding_server.url}/embed", json={"inputs": ["a question"]}).json()
+    query = httpx.post(f"{embedding_server.url}/embed", json={"inputs": ["a question"], "prompt_name": "query"})
+    assert query.status_code == 200 and np.allclose(query.json(), plain, atol=1e-6)  # MiniLM's "query" is empty
+    unknown = httpx.post(f"{embedding_server.url}/embed", json={"inputs": ["a question"], "prompt_name": "nope"})
+    assert unknown.status_code == 422 and "['document', 'query']" in unknown.json()["error"]
+    client = EmbeddingClient(embedding_server.url)
+    assert np.allclose(client.embed(["a question"], prompt_name="query"), plain, atol=1e-6)
