@@ -239,11 +239,14 @@ def create_app(
     health: Callable[[], dict] | None = None,
     on_shutdown: list[Callable[[], object]] | None = None,
     metrics_namespace: str = "service",
+    validation_status: int = 422,
 ) -> FastAPI:
     """Build a FastAPI app with the shared plumbing; the caller adds its routes.
 
     ``health()`` adds fields to ``GET /health``; ``on_shutdown`` callables run once when the
     server stops (after in-flight requests finished, within uvicorn's graceful timeout).
+    ``validation_status`` is the status of a body with wrong fields or types (422, FastAPI's
+    and TEI's; 400 where a contract says so, as seed 002 does).
     """
     hooks = list(on_shutdown or [])
 
@@ -279,6 +282,7 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_req: Request, exc: RequestValidationError):
         status, message = _validation_message(list(exc.errors()))
+        status = validation_status if status == 422 else status
         return JSONResponse(error_body(message, status), status_code=status)
 
     @app.exception_handler(Exception)

@@ -25,6 +25,8 @@ def _default_type(status: int) -> str:
         return "overloaded"
     if status == 503:
         return "unavailable"
+    if status == 501:
+        return "not_implemented"
     if 400 <= status < 500:
         return "validation"
     return "server"

@@ -150,7 +150,7 @@ def find_checkpoint(resume, checkpoints_dir: Path) -> str | None:
     return str(found[-1])
 
 
-def lora_config(node: Mapping):
+def lora_config(node: Mapping, task_type: str = "CAUSAL_LM"):
     """A PEFT ``LoraConfig`` from the ``lora:`` node (r, alpha, dropout, target_modules, modules_to_save)."""
     from peft import LoraConfig
 
@@ -160,7 +160,7 @@ def lora_config(node: Mapping):
         lora_dropout=float(node["dropout"]),
         target_modules=list(node["target_modules"]),
         modules_to_save=list(node.get("modules_to_save") or []) or None,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
 
 

@@ -100,7 +100,7 @@ def load_tokenizer(model_cfg: Mapping):
 
 def build_causal_lm(model_cfg: Mapping, tokenizer, device: torch.device):
     """A causal LM from ``name_or_path``, or a tiny random Qwen2 sized by ``model_cfg.tiny``."""
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 
     name = model_cfg.get("name_or_path")
     if name:
@@ -108,18 +108,42 @@ def build_causal_lm(model_cfg: Mapping, tokenizer, device: torch.device):
             resolve_path(name), dtype=torch_dtype(model_cfg.get("dtype"), device)
         )
     else:
-        torch.manual_seed(int(model_cfg.get("seed", 0)))
-        config = Qwen2Config(
-            vocab_size=len(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            **dict(model_cfg.get("tiny") or {}),
-        )
-        model = Qwen2ForCausalLM(config)
+        model = Qwen2ForCausalLM(_tiny_qwen2_config(model_cfg, tokenizer))
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model.to(device).eval()
+
+
+def build_value_model(model_cfg: Mapping, tokenizer, device: torch.device):
+    """An LM with a scalar value head (``score``) on its last token: from ``name_or_path`` (a reward
+    or value checkpoint; a plain LM gets a new head), or a tiny random Qwen2 with a random head."""
+    from transformers import AutoModelForSequenceClassification, Qwen2ForSequenceClassification
+
+    name = model_cfg.get("name_or_path")
+    if name:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve_path(name), num_labels=1, dtype=torch_dtype(model_cfg.get("dtype"), device)
+        )
+    else:
+        model = Qwen2ForSequenceClassification(_tiny_qwen2_config(model_cfg, tokenizer, num_labels=1))
+    # The head finds each row's last token through the pad id.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device).eval()
+
+
+def _tiny_qwen2_config(model_cfg: Mapping, tokenizer, **extra):
+    """A Qwen2Config sized by ``model_cfg.tiny``; seeds torch so the random weights are reproducible."""
+    from transformers import Qwen2Config
+
+    torch.manual_seed(int(model_cfg.get("seed", 0)))
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **dict(model_cfg.get("tiny") or {}),
+        **extra,
+    )
 
 
 def model_label(model_cfg: Mapping) -> str:

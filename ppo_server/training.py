@@ -1,0 +1,270 @@
+"""What the policy and value servers share: a LoRA-adapted model that answers requests while a
+background thread trains it, one training at a time, stoppable at a step boundary.
+
+``AdapterEngine.train`` is the loop (epochs, shuffled micro-batches, gradient accumulation,
+clipping, a JSONL log, the adapter saved at the end or on stop); subclasses say what a batch's
+loss is (PPO for the policy, MSE for the value). One lock serialises training steps and
+inference calls, so inference waits at most one step while a training runs.
+
+``TrainingService`` is the part of the in-process API both servers expose the same way:
+``status``, ``train_from_dataset`` and ``stop_training`` with seed 002's fields and messages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from core.errors import APIError
+from core.grpo import lora_config
+from core.models import device_for, load_tokenizer
+from ppo_server.samples import Sample, collect_samples, write_samples
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSettings:
+    """How the server trains (its ``training:`` config node); the request gives epochs, lr and data."""
+
+    micro_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    # Prompt + response tokens per sample (the prompt is cut from the left beyond this).
+    max_length: int = 1024
+    # PPO only: clip range of the policy ratio and weight of the KL penalty to the reference.
+    clip_range: float = 0.2
+    kl_coef: float = 0.05
+    seed: int = 0
+
+
+class AdapterEngine:
+    """A model with a LoRA adapter, a lock shared by inference and training, and the training loop.
+
+    Subclasses build ``self.model`` and implement ``prepare`` (per-sample data computed once before
+    training) and ``loss`` (the loss of a micro-batch and its statistics).
+    """
+
+    def __init__(self, model: Mapping, lora: Mapping, gpus: int, training: Mapping | None, task_type: str):
+        self.device = device_for(gpus)
+        self.tokenizer = load_tokenizer(model)
+        self.settings = TrainSettings(**dict(training or {}))
+        self.lock = threading.Lock()
+        self.model = self._wrap(self.build(model), lora, task_type)
+
+    def build(self, model_cfg: Mapping):
+        """The base model (without adapter), on ``self.device``, in eval mode."""
+        raise NotImplementedError
+
+    def prepare(self, samples: Sequence[Sample]) -> list:
+        """Per-sample data the loss needs, computed once before the first step (under the lock)."""
+        return [None] * len(samples)
+
+    def loss(self, samples: Sequence[Sample], extras: Sequence) -> tuple[torch.Tensor, dict]:
+        """The micro-batch's loss (mean over the batch) and statistics to log."""
+        raise NotImplementedError
+
+    def _wrap(self, base, lora: Mapping, task_type: str):
+        from peft import PeftModel, get_peft_model
+
+        adapter = lora.get("adapter_path")
+        if adapter:  # continue from a saved adapter (seed 002's LoRA model path)
+            return PeftModel.from_pretrained(base, adapter, is_trainable=True).eval()
+        return get_peft_model(base, lora_config(lora, task_type=task_type)).eval()
+
+    def encode(self, sample: Sample) -> tuple[list[int], int]:
+        """Token ids of prompt + context + response and where the response starts."""
+        prompt = self.tokenizer.apply_chat_template(
+            [{"role": r, "content": c} for r, c in sample.messages], tokenize=False, add_generation_prompt=True
+        )
+        prompt_ids = self.tokenizer(prompt + sample.context, add_special_tokens=False)["input_ids"]
+        response_ids = self.tokenizer(sample.response, add_special_tokens=False)["input_ids"]
+        response_ids = response_ids[: self.settings.max_length - 1]
+        prompt_ids = prompt_ids[max(0, len(prompt_ids) - (self.settings.max_length - len(response_ids))) :]
+        return prompt_ids + response_ids, len(prompt_ids)
+
+    def pad(self, rows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ids and attention mask on the model's device."""
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
+        return ids, mask
+
+    def train(
+        self, samples: Sequence[Sample], num_epochs: int, lr: float, should_stop: Callable[[], bool], out_dir: Path
+    ) -> dict:
+        """Train on ``samples``; stop early when ``should_stop()`` at a step boundary; save the adapter."""
+        s = self.settings
+        out_dir.mkdir(parents=True, exist_ok=True)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr)
+        with self.lock:
+            extras = self.prepare(samples)
+        order, rng = list(range(len(samples))), random.Random(s.seed)
+        batches_per_epoch = -(-len(samples) // s.micro_batch_size)
+        step, micro, stopped, losses = 0, 0, False, []
+        with (out_dir / "train_log.jsonl").open("a") as log_file:
+            for epoch in range(num_epochs):
+                rng.shuffle(order)
+                for b in range(batches_per_epoch):
+                    if micro % s.gradient_accumulation_steps == 0 and should_stop():
+                        stopped = True
+                        break
+                    idx = order[b * s.micro_batch_size : (b + 1) * s.micro_batch_size]
+                    with self.lock:
+                        self.model.train()
+                        try:
+                            loss, stats = self.loss([samples[i] for i in idx], [extras[i] for i in idx])
+                            (loss / s.gradient_accumulation_steps).backward()
+                            micro += 1
+                            last = epoch == num_epochs - 1 and b == batches_per_epoch - 1
+                            if micro % s.gradient_accumulation_steps == 0 or last:
+                                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+                                optimizer.step()
+                                optimizer.zero_grad(set_to_none=True)
+                                step += 1
+                        finally:
+                            self.model.eval()
+                    losses.append(float(loss))
+                    row = {"epoch": epoch, "micro_batch": micro, "step": step, "loss": float(loss), **stats}
+                    log_file.write(json.dumps(row) + "\n")
+                    log_file.flush()
+                if stopped:
+                    break
+        adapter = out_dir / "adapter"
+        with self.lock:
+            self.model.save_pretrained(str(adapter))
+        return {
+            "steps": step,
+            "micro_batches": micro,
+            "stopped": stopped,
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "adapter": str(adapter),
+        }
+
+
+class TrainingService:
+    """``status``, ``train_from_dataset`` and ``stop_training`` over an ``AdapterEngine`` (seed 002).
+
+    Args:
+        engine: the model to train.
+        allow_training / allow_inference: switches a server is started with (403 when off).
+        dataset_roots: folders ``dataset_path`` may point into.
+        scratch: where ``save_samples`` writes (``$SCRATCH``; samples go to ``<scratch>/datasets``).
+        output_dir: each training writes ``train_log.jsonl`` and ``adapter/`` under ``<output_dir>/training-<n>``.
+    """
+
+    def __init__(
+        self,
+        engine: AdapterEngine,
+        allow_training: bool = True,
+        allow_inference: bool = True,
+        dataset_roots: Sequence[str] = (),
+        scratch: str | None = None,
+        output_dir: str = "outputs/ppo_server",
+        stop_timeout_s: float = 600.0,
+    ):
+        self.engine = engine
+        self.allow_training, self.allow_inference = bool(allow_training), bool(allow_inference)
+        self.dataset_roots = [str(r) for r in dataset_roots]
+        self.scratch = scratch or os.environ.get("SCRATCH") or str(Path(output_dir) / "scratch")
+        self.output_dir = Path(output_dir)
+        self.stop_timeout_s = stop_timeout_s
+        self.stop_flag = threading.Event()
+        self.last_training: dict | None = None
+        self._thread: threading.Thread | None = None
+        self._runs = 0
+
+    @property
+    def training(self) -> bool:
+        """Whether a training is running now."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def status(self) -> dict:
+        """Seed 002's ``GET /`` body, plus whether a training runs and how the last one ended."""
+        flag = self.stop_flag.is_set()
+        return {
+            "status": f"Server is running, ALLOW_TRAINING: {self.allow_training}, STOP_TRAINING_FLAG: {flag}",
+            "allow_training": self.allow_training,
+            "stop_training_flag": flag,
+            "allow_inference": self.allow_inference,
+            "training": self.training,
+            "last_training": self.last_training,
+        }
+
+    def check_inference(self) -> None:
+        """403 when the server was started with inference off."""
+        if not self.allow_inference:
+            raise APIError(403, "inference is disabled on this server (allow_inference=false)")
+
+    def train_from_dataset(
+        self,
+        dataset: list | None = None,
+        dataset_path: str | None = None,
+        dataset_loader_class: str | None = None,
+        num_epochs: int = 1,
+        percent_of_data: float = 1.0,
+        save_samples: bool = False,
+        lr: float = 1e-5,
+    ) -> dict:
+        """Check the request, then train in a background thread; returns seed 002's message."""
+        if not self.allow_training:
+            raise APIError(403, "training is disabled on this server (allow_training=false)")
+        if self.training:
+            raise APIError(403, "a training is already running; POST /stop_training first")
+        if num_epochs < 1 or not lr > 0:
+            raise APIError(400, f"num_epochs must be >= 1 and lr > 0, got {num_epochs} and {lr}")
+        samples = collect_samples(
+            dataset, dataset_path, dataset_loader_class, self.dataset_roots, percent_of_data, self.engine.settings.seed
+        )
+        saved = str(write_samples(dataset, self.scratch)) if save_samples and dataset is not None else None
+        self._runs += 1
+        out_dir = self.output_dir / f"training-{self._runs}"
+        self.stop_flag.clear()
+        self.last_training = {"saved_samples": saved} if saved else None
+        self._thread = threading.Thread(
+            target=self._run, args=(samples, int(num_epochs), float(lr), out_dir), name="training", daemon=True
+        )
+        self._thread.start()
+        gpus = torch.cuda.device_count() if self.engine.device.type == "cuda" else 0
+        return {"message": f"Training started with {os.cpu_count()} cores and {gpus} GPUs", "output_dir": str(out_dir)}
+
+    def _run(self, samples: list[Sample], num_epochs: int, lr: float, out_dir: Path) -> None:
+        started = time.time()
+        try:
+            result = self.engine.train(samples, num_epochs, lr, self.stop_flag.is_set, out_dir)
+            result.update(samples=len(samples), seconds=round(time.time() - started, 3), error=None)
+        except Exception as exc:  # noqa: BLE001 - the server keeps serving; the failure shows in GET /
+            log.exception("training failed")
+            result = {"error": f"{type(exc).__name__}: {exc}", "samples": len(samples)}
+        self.last_training = {**(self.last_training or {}), **result}
+        log.info("training finished: %s", result)
+
+    def wait_for_training(self, timeout: float = 600.0) -> dict | None:
+        """Block until no training runs; return ``last_training`` (steps, losses, adapter path)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self.training:
+                raise TimeoutError(f"training still running after {timeout:g}s")
+        return self.last_training
+
+    def stop_training(self) -> dict:
+        """Stop the running training at its next step boundary and wait until its adapter is saved."""
+        if not self.training:
+            return {"message": "No training is running", "last_training": self.last_training}
+        self.stop_flag.set()
+        self._thread.join(self.stop_timeout_s)
+        if self.training:
+            raise APIError(503, f"training did not stop within {self.stop_timeout_s:g}s; try again")
+        return {"message": "Training stopped and model saved", "last_training": self.last_training}
