@@ -215,7 +215,21 @@ def _relaunch(layout: Layout, run_dir: Path) -> dict:
 
 
 def run(cfg) -> dict:
-    """Entry point of ``python run.py train=grpo``."""
+    """Entry point of ``python run.py train=grpo``: a causal LM on ``dataset=`` prompts."""
+
+    def build():
+        tokenizer = load_tokenizer(cfg.model)
+        model = build_causal_lm(cfg.model, tokenizer, device_for(int(cfg.gpus)))
+        return model, tokenizer, instantiate(cfg.dataset), instantiate(cfg.reward)
+
+    return train(cfg, build)
+
+
+def train(cfg, build) -> dict:
+    """The GRPO + LoRA recipe around any policy. ``build()`` returns (model, processing class,
+    train dataset, ``RewardMix``); it runs only in a process that trains (with ``gpus > 1``, after
+    the relaunch under accelerate, on every rank). The rest of ``cfg``: ``trainer``, ``lora``,
+    ``resume``, ``checkpoints``, ``logger``, ``deepspeed``, ``gpus``, ``seed``."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     layout = layout_for(int(cfg.gpus), cfg.deepspeed.config)
     if needs_launcher(layout):
@@ -223,10 +237,8 @@ def run(cfg) -> dict:
     (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     deepspeed_file = write_launch_files(layout, run_dir)[1] if layout.deepspeed else None
 
-    tokenizer = load_tokenizer(cfg.model)
-    model = build_causal_lm(cfg.model, tokenizer, device_for(int(cfg.gpus)))
-    dataset = instantiate(cfg.dataset)
-    recorder = RewardRecorder(instantiate(cfg.reward))
+    model, processing_class, dataset, mix = build()
+    recorder = RewardRecorder(mix)
     args = grpo_args(cfg, run_dir, layout, recorder.weights(), deepspeed_file)
     tracker = open_tracker(cfg.logger, run_dir, cfg)
     run_log = RunLog(
@@ -243,7 +255,7 @@ def run(cfg) -> dict:
         reward_funcs=recorder.reward_funcs(),
         args=args,
         train_dataset=dataset,
-        processing_class=tokenizer,
+        processing_class=processing_class,
         peft_config=lora_config(cfg.lora),
         callbacks=[run_log],
     )

@@ -133,7 +133,10 @@ def as_text(item: Any) -> str:
     if isinstance(item, str):
         return item
     if isinstance(item, Sequence) and item and isinstance(item[-1], Mapping):
-        return str(item[-1].get("content", ""))
+        content = item[-1].get("content", "")
+        if isinstance(content, list):  # multimodal content: text parts, "<image>" for each image
+            return "".join(c.get("text") or "" if c.get("type") == "text" else f"<{c.get('type')}>" for c in content)
+        return str(content)
     return str(item)
 
 

@@ -23,5 +23,7 @@ def seed_everything(seed: int) -> None:
 def run_task(cfg: DictConfig):
     """Seed, then hand the whole config to the task function (no name-based dispatch)."""
     seed_everything(int(cfg.seed))
+    # One INFO line per HTTP request (httpx's default) drowns the run log of a client-heavy task.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     task = get_method(cfg.task._target_)
     return task(cfg)

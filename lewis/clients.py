@@ -1,0 +1,99 @@
+"""HTTP clients of the listener and speaker services, with the engines' methods.
+
+``ListenerClient`` follows seed 001's training-side settings: ``LISTENER_URL`` (the seed points it
+at ``.../batch_score``; either form works), ``LISTENER_TIMEOUT``, ``LISTENER_CHUNK_SIZE`` items per
+request, ``LISTENER_CHUNK_DELAY`` seconds between requests, ``LISTENER_MAX_RETRIES`` and
+``LISTENER_BACKOFF_FACTOR`` (first pause of the exponential backoff). A chunk that still fails
+does not raise: its items come back as ``{"error": reason}`` so a reward can score them 0.0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+
+from core.errors import ServiceError
+from core.http import HTTPClient, chunks
+
+log = logging.getLogger(__name__)
+
+
+def _env(name: str, default, cast):
+    value = os.environ.get(name)
+    return cast(value) if value not in (None, "") else default
+
+
+class ListenerClient:
+    """``batch_score`` / ``score`` over HTTP, chunked, paced and retried (``url``, else
+    ``LISTENER_URL``, else ``http://<host>:<port>``)."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 9000,
+        timeout: float | None = None,
+        chunk_size: int | None = None,
+        chunk_delay: float | None = None,
+        max_retries: int | None = None,
+        backoff_factor: float | None = None,
+        api_key: str | None = None,
+    ):
+        url = url or os.environ.get("LISTENER_URL") or f"http://{host}:{port}"
+        url = url.removesuffix("/").removesuffix("/batch_score")
+        self.chunk_size = int(chunk_size or _env("LISTENER_CHUNK_SIZE", 4, int))
+        self.chunk_delay = float(chunk_delay if chunk_delay is not None else _env("LISTENER_CHUNK_DELAY", 0.05, float))
+        self.http = HTTPClient(
+            url,
+            api_key=api_key,
+            timeout=float(timeout or _env("LISTENER_TIMEOUT", 60.0, float)),
+            max_retries=int(max_retries if max_retries is not None else _env("LISTENER_MAX_RETRIES", 3, int)),
+            backoff_s=float(
+                backoff_factor if backoff_factor is not None else _env("LISTENER_BACKOFF_FACTOR", 1.0, float)
+            ),
+        )
+        self.stats = {"requests": 0, "items": 0, "requests_failed": 0}
+
+    def batch_score(self, batch: Sequence[Mapping]) -> dict:
+        """``{results, took}`` like the engine; items of a failed chunk are ``{"error": ...}``."""
+        started = time.perf_counter()
+        results: list[dict] = []
+        for n, part in enumerate(chunks(list(batch), self.chunk_size)):
+            if n and self.chunk_delay > 0:
+                time.sleep(self.chunk_delay)
+            self.stats["requests"] += 1
+            self.stats["items"] += len(part)
+            try:
+                results.extend(self.http.post("/batch_score", {"batch": list(part)})["results"])
+            except ServiceError as exc:
+                self.stats["requests_failed"] += 1
+                log.warning(
+                    "listener chunk %d:%d failed: %s", n * self.chunk_size, n * self.chunk_size + len(part), exc
+                )
+                results.extend({"error": str(exc)} for _ in part)
+        return {"results": results, "took": round(time.perf_counter() - started, 4)}
+
+    def score(self, candidate_paths: Sequence[str], question: str, topk: int = 1) -> dict:
+        """One item (``POST /score``); raises ``ServiceError`` when the service cannot answer."""
+        return self.http.post("/score", {"candidate_paths": list(candidate_paths), "question": question, "topk": topk})
+
+    def health(self) -> dict:
+        """The service's ``GET /health``."""
+        return self.http.get("/health")
+
+
+class SpeakerClient:
+    """``batch_describe`` / ``describe`` over HTTP."""
+
+    def __init__(self, url: str = "http://127.0.0.1:9001", timeout: float = 300.0, api_key: str | None = None):
+        self.http = HTTPClient(url, api_key=api_key, timeout=timeout)
+
+    def batch_describe(self, batch: Sequence[Mapping]) -> dict:
+        """``{results: [{text, thinking, coarse, detailed}], took}``."""
+        return self.http.post("/batch_describe", {"batch": list(batch)})
+
+    def describe(self, image_path: str, prompt: str | None = None) -> dict:
+        """One image."""
+        return self.http.post("/describe", {"image_path": image_path, "prompt": prompt})

@@ -1,0 +1,73 @@
+"""Images named in requests: a path under a configured image root, or inline as a base64 data URI.
+
+A server never opens a path outside its roots (403), whatever ``..`` or symlinks it contains.
+Decoded images are kept in a small LRU cache, since training asks about the same candidates
+again and again.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from core.cache import LRUCache
+from core.errors import APIError
+
+DATA_URI_PREFIX = "data:image/"
+
+
+def to_data_uri(path: str | Path) -> str:
+    """An image file as a ``data:image/<type>;base64,...`` URI (to send images, not paths)."""
+    suffix = Path(path).suffix.lstrip(".").lower() or "png"
+    return f"data:image/{suffix};base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def open_image(data: bytes, name: str) -> Image.Image:
+    """Decoded RGB image from file bytes; 400 naming ``name`` if they are not an image."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError):
+        raise APIError(400, f"{name} is not a readable image") from None
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """The RGB image in a local file (a trusted path: dataset files, not request fields)."""
+    return open_image(Path(path).read_bytes(), str(path))
+
+
+class ImageStore:
+    """Opens images by path (only under ``roots``) or from data URIs, as RGB ``PIL`` images."""
+
+    def __init__(self, roots: Sequence[str | Path] = (), cache_size: int = 1024):
+        self.roots = [Path(r).expanduser().resolve() for r in roots]
+        self._cache = LRUCache(cache_size)
+
+    def load(self, ref: str) -> Image.Image:
+        """The image ``ref`` names; 403 outside the roots, 400 if it is not a readable image."""
+        if not isinstance(ref, str) or not ref:
+            raise APIError(400, "an image must be a path or a data:image/...;base64 URI")
+        if ref.startswith(DATA_URI_PREFIX):
+            return self._decode(ref)
+        path = Path(ref).expanduser().resolve()
+        if not any(path.is_relative_to(root) for root in self.roots):
+            raise APIError(403, f"image path {ref!r} is outside the allowed image roots; send it as a data URI instead")
+        cached = self._cache.get(str(path))
+        if cached is None:
+            if not path.is_file():
+                raise APIError(400, f"image {ref!r} not found")
+            cached = open_image(path.read_bytes(), ref)
+            self._cache.put(str(path), cached)
+        return cached
+
+    def _decode(self, uri: str) -> Image.Image:
+        try:
+            data = base64.b64decode(uri.split(",", 1)[1], validate=True)
+        except (IndexError, binascii.Error):
+            raise APIError(400, "invalid base64 image data URI") from None
+        return open_image(data, "inline image")

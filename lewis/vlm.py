@@ -1,0 +1,112 @@
+"""Vision-language models for the Lewis game: a real Qwen2-VL from ``name_or_path``, or a tiny random
+Qwen2-VL built from the config (no download) around the packaged MiniLM tokenizer.
+
+A model config node (``conf/vlm/*.yaml``)::
+
+    name_or_path: Qwen/Qwen2-VL-7B-Instruct   # or null: the tiny random model from ``tiny``
+    dtype: bfloat16
+    min_pixels / max_pixels                    # the image processor's resize bounds (seed: 401408)
+    tiny: {text: {...}, vision: {...}}         # Qwen2VLConfig sub-configs of the tiny model
+    seed: 0
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+
+from core.models import packaged_tokenizer, resolve_path, torch_dtype
+
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+# Qwen2-VL's chat layout for the tiny tokenizer: an image content item becomes the vision block
+# the processor expands to one pad token per merged patch.
+VL_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _image_only_processor_class():
+    from transformers import Qwen2VLProcessor
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        """Qwen2-VL's processor without the video part, whose module needs torchvision (not on CPU
+        installs here); the game has no videos. Attributes come from this ``__init__``'s signature."""
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    return ImageOnlyQwen2VLProcessor
+
+
+def _tiny_processor(model_cfg: Mapping):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = copy.deepcopy(packaged_tokenizer())
+    tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS + ["<|im_start|>", "<|im_end|>"]})
+    tok.pad_token = "[PAD]"
+    tok.padding_side = "left"
+    tok.chat_template = VL_CHAT_TEMPLATE
+    pixels = {
+        "min_pixels": int(model_cfg.get("min_pixels", 3136)),
+        "max_pixels": int(model_cfg.get("max_pixels", 3136)),
+    }
+    images = Qwen2VLImageProcessorPil(**pixels)
+    return _image_only_processor_class()(image_processor=images, tokenizer=tok, chat_template=VL_CHAT_TEMPLATE)
+
+
+def load_processor(model_cfg: Mapping):
+    """The model's processor (tokenizer + image processor); left padding for generation."""
+    name = model_cfg.get("name_or_path")
+    if not name:
+        return _tiny_processor(model_cfg)
+    from transformers import AutoProcessor
+
+    extra = {k: int(model_cfg[k]) for k in ("min_pixels", "max_pixels") if model_cfg.get(k)}
+    processor = AutoProcessor.from_pretrained(resolve_path(name), **extra)
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+def build_vlm(model_cfg: Mapping, processor, device: torch.device):
+    """Qwen2-VL from ``name_or_path``, or a tiny random one whose vocabulary matches ``processor``."""
+    from transformers import AutoModelForImageTextToText, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    name = model_cfg.get("name_or_path")
+    if name:
+        kwargs = {"dtype": torch_dtype(model_cfg.get("dtype"), device)}
+        if model_cfg.get("attn_implementation"):
+            kwargs["attn_implementation"] = model_cfg["attn_implementation"]
+        return AutoModelForImageTextToText.from_pretrained(resolve_path(name), **kwargs).to(device).eval()
+    from omegaconf import OmegaConf
+
+    tok = processor.tokenizer
+    tiny = model_cfg.get("tiny") or {}
+    # transformers' strict config dataclasses take plain dicts only.
+    tiny = OmegaConf.to_container(tiny, resolve=True) if OmegaConf.is_config(tiny) else dict(tiny)
+    torch.manual_seed(int(model_cfg.get("seed", 0)))
+    ids = {t: tok.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tok),
+            "pad_token_id": tok.pad_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "bos_token_id": tok.bos_token_id,
+            **dict(tiny.get("text") or {}),
+        },
+        vision_config=dict(tiny.get("vision") or {}),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model.to(device).eval()

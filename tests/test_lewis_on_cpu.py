@@ -1,0 +1,241 @@
+"""The Lewis game (seed 001): data, listener and speaker services, rewards, and GRPO on either player."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import shutil
+
+import httpx
+import pytest
+import torch
+
+from core.local_server import LocalServer, free_port
+from core.rewards import RewardSample
+from lewis.agents import ListenerEngine, parse_description
+from lewis.clients import ListenerClient
+from lewis.data import ATTRIBUTES, load_games, make_shapes
+from lewis.images import to_data_uri
+from lewis.rewards import QUESTION, ListenerAccuracy, OneSentence, TagFormat
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    return make_shapes(tmp_path_factory.mktemp("shapes") / "shapes", games=16, seed=3)
+
+
+@pytest.fixture(scope="module")
+def games(shapes_root):
+    return load_games(shapes_root, "train")
+
+
+@pytest.fixture(scope="module")
+def tiny_vl_cfg() -> dict:
+    from omegaconf import OmegaConf
+
+    from core.local_server import ROOT
+
+    return OmegaConf.to_container(OmegaConf.load(ROOT / "conf/vlm/tiny_vl.yaml"))
+
+
+@pytest.fixture(scope="module")
+def listener(tmp_path_factory, shapes_root):
+    server = LocalServer(
+        tmp_path_factory.mktemp("listener"), "service=listener", f"lewis.shapes_root={shapes_root}"
+    ).start()
+    yield server
+    server.stop()
+
+
+def question(game: dict) -> str:
+    return QUESTION.format(description=game["description"])
+
+
+def test_shapes_are_deterministic_and_distractors_differ(tmp_path, shapes_root, games):
+    again = make_shapes(tmp_path / "again", games=16, seed=3)
+    for split in ("train", "val", "test"):
+        assert filecmp.cmp(shapes_root / f"games_{split}.jsonl", again / f"games_{split}.jsonl", shallow=False)
+    assert len(games) == 14 and len(load_games(shapes_root, "val")) == 1
+    for game in games:
+        # Image names encode all five attributes: four distinct names = each distractor differs somewhere.
+        assert len(game["candidates"]) == 4 and len(set(game["candidates"])) == 4
+        target = game["candidates"][game["target_index"]]
+        assert filecmp.cmp(target, again / "images" / target.split("/")[-1], shallow=False)
+        fields = target.split("/")[-1][:-4].split("-")
+        key = dict(zip(("count", "size", "colour", "shape", "position"), fields, strict=True))
+        for attribute in ATTRIBUTES:
+            assert str(game["attributes"][attribute]) == key[attribute]
+    folder = tmp_path / "mine"
+    shutil.copytree(shapes_root, folder)
+    assert [g["description"] for g in load_games(folder)] == [g["description"] for g in games]
+    (folder / "games_train.jsonl").write_text(json.dumps({"candidates": ["images/none.png"], "target_index": 0}))
+    with pytest.raises(ValueError, match="description"):
+        load_games(folder)
+
+
+def test_yes_probabilities_come_from_the_models_yes_no_logits(tiny_vl_cfg, shapes_root, games):
+    engine = ListenerEngine(tiny_vl_cfg, image_roots=[shapes_root], batch_size=3)
+    game = games[0]
+    result = engine.score(game["candidates"], question(game), topk=2)
+    image = engine.images.load(game["candidates"][1])
+    enc = engine._inputs([engine._chat(1, question(game))], [image])
+    with torch.no_grad():
+        logits = engine.model(**enc).logits[0, -1]
+    yes, no = logits[engine.yes_id], logits[engine.no_id]
+    expected = float(torch.exp(yes) / (torch.exp(yes) + torch.exp(no)))
+    assert result["yes_probabilities"][1] == pytest.approx(expected, abs=1e-5)
+    probs = result["yes_probabilities"]
+    assert all(0.0 < p < 1.0 for p in probs) and result["predicted_index"] == max(range(4), key=probs.__getitem__)
+    assert result["topk_indices"] == sorted(range(4), key=lambda i: -probs[i])[:2]
+    assert engine.yes_id != engine.no_id
+
+
+def test_batch_score_equals_a_loop_of_score(listener, games):
+    batch = [{"candidate_paths": g["candidates"], "question": question(g), "topk": 1} for g in games[:5]]
+    together = httpx.post(f"{listener.url}/batch_score", json={"batch": batch}, timeout=60).json()
+    assert set(together) == {"results", "took"} and together["took"] > 0
+    for item, result in zip(batch, together["results"], strict=True):
+        alone = httpx.post(f"{listener.url}/score", json=item, timeout=60).json()
+        assert alone["predicted_index"] == result["predicted_index"]
+        assert alone["yes_probabilities"] == pytest.approx(result["yes_probabilities"], abs=1e-5)
+
+
+def test_image_roots_and_bad_input(listener, games, tmp_path):
+    url, game = listener.url, games[0]
+    outside = tmp_path / "outside.png"
+    shutil.copy(game["candidates"][0], outside)
+    for paths in ([str(outside)], [f"{game['candidates'][0]}/../../../../etc/passwd"], ["/etc/hosts"]):
+        refused = httpx.post(f"{url}/score", json={"candidate_paths": paths, "question": "q"})
+        assert refused.status_code == 403 and "outside the allowed image roots" in refused.json()["error"]
+    inline = httpx.post(f"{url}/score", json={"candidate_paths": [to_data_uri(outside)], "question": question(game)})
+    by_path = httpx.post(f"{url}/score", json={"candidate_paths": game["candidates"][:1], "question": question(game)})
+    assert inline.json()["yes_probabilities"] == pytest.approx(by_path.json()["yes_probabilities"])
+    bad = [
+        ({"candidate_paths": game["candidates"], "question": "q", "topk": 9}, 400, "topk"),
+        ({"candidate_paths": [], "question": "q"}, 400, "candidate_paths"),
+        ({"candidate_paths": game["candidates"]}, 400, "question"),
+        ({"candidate_paths": ["data:image/png;base64,!!!"], "question": "q"}, 400, "base64"),
+    ]
+    for body, status, word in bad:
+        answer = httpx.post(f"{url}/score", json=body)
+        assert answer.status_code == status and word in answer.json()["error"], body
+    broken = httpx.post(f"{url}/batch_score", content=b"{", headers={"content-type": "application/json"})
+    assert broken.status_code == 400 and "error" in broken.json()
+    assert httpx.post(f"{url}/batch_score", json={"batch": []}).status_code == 422
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_format_and_length_rewards_on_hand_written_examples():
+    good = (
+        "<thinking>It is red.</thinking><coarse>A red circle</coarse>"
+        "<detailed>One small red circle on the left.</detailed>"
+    )
+    two = "<thinking>x</thinking><coarse>y</coarse><detailed>A red circle. It is small.</detailed>"
+    unclosed = "<thinking>x</thinking><coarse>y</coarse><detailed>A red circle."
+    samples = [RewardSample(t) for t in (good, two, unclosed, "A red circle on the left.")]
+    assert TagFormat()(samples) == [1.0, 1.0, 0.0, 0.0]
+    assert OneSentence()(samples) == [0.1, 0.0, 0.0, 0.1]
+    assert parse_description(good) == {
+        "thinking": "It is red.",
+        "coarse": "A red circle",
+        "detailed": "One small red circle on the left.",
+    }
+
+
+def test_accuracy_reward_caches_listener_calls(listener, games, tmp_path):
+    client = ListenerClient(f"{listener.url}/batch_score", chunk_size=2, chunk_delay=0.0)
+    log_path = tmp_path / "predictions.jsonl"
+    reward = ListenerAccuracy(client, log_path=str(log_path))
+    samples = [
+        RewardSample(
+            f"<detailed>{g['description']}</detailed>",
+            extra_info={"candidates": g["candidates"], "target_index": g["target_index"]},
+        )
+        for g in games[:4]
+    ]
+    calls_before = httpx.get(f"{listener.url}/health").json()["model_calls"]
+    first = reward(samples + samples[:2])  # duplicates inside one call are asked once
+    assert reward.stats["listener_items"] == 4 and client.stats["requests"] == 2
+    calls_after_first = httpx.get(f"{listener.url}/health").json()["model_calls"]
+    second = reward(samples)
+    assert second == first[:4]
+    assert reward.stats["listener_items"] == 4 and reward.stats["cache_hits"] == 4
+    assert httpx.get(f"{listener.url}/health").json()["model_calls"] == calls_after_first > calls_before
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert len(records) == 10 and {r["call"] for r in records} == {1, 2}
+    assert all(r["accuracy"] == float(r["predicted_index"] == r["target_index"]) for r in records)
+
+
+def test_speaker_service_returns_parsed_fields(tmp_path, shapes_root, games):
+    with LocalServer(tmp_path, "service=speaker", f"lewis.shapes_root={shapes_root}", "engine.max_new_tokens=12") as s:
+        one = httpx.post(f"{s.url}/describe", json={"image_path": games[0]["candidates"][0]}, timeout=60)
+        assert one.status_code == 200 and set(one.json()) == {"text", "thinking", "coarse", "detailed"}
+        batch = [{"image_path": g["candidates"][0]} for g in games[:3]]
+        many = httpx.post(f"{s.url}/batch_describe", json={"batch": batch}, timeout=60).json()
+        assert len(many["results"]) == 3 and many["took"] > 0
+        assert all(r["text"] and r["detailed"] is None for r in many["results"])  # a random model writes no tags
+        assert httpx.post(f"{s.url}/describe", json={"image_path": "/etc/hosts"}).status_code == 403
+
+
+def _predictions(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "lewis_predictions.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_speaker_training_with_remote_listener_matches_local(listener, shapes_root, tmp_path):
+    common = [f"lewis.shapes_root={shapes_root}", "logger=none", "trainer.max_steps=2"]
+    remote_dir, local_dir = tmp_path / "remote", tmp_path / "local"
+    remote = run_cli(
+        "train=speaker", "listener=remote", f"listener.port={listener.port}", *common, f"hydra.run.dir={remote_dir}"
+    )
+    assert remote.returncode == 0, remote.stdout[-3000:]
+    local = run_cli("train=speaker", "listener=local", *common, f"hydra.run.dir={local_dir}")
+    assert local.returncode == 0, local.stdout[-3000:]
+    for run_dir in (remote_dir, local_dir):
+        assert (run_dir / "adapter" / "adapter_config.json").exists()
+        assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+        assert not list((run_dir / "checkpoints").glob("checkpoint-*"))  # seed 001's cleanup
+    served, embedded = _predictions(remote_dir), _predictions(local_dir)
+    assert len(served) == 8 and [r["completion"] for r in served] == [r["completion"] for r in embedded]
+    assert [r["accuracy"] for r in served] == [r["accuracy"] for r in embedded]
+    for a, b in zip(served, embedded, strict=True):
+        assert a["yes_probabilities"] == pytest.approx(b["yes_probabilities"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_listener_down_scores_zero_and_training_continues(shapes_root, tmp_path):
+    dead = free_port()
+    env = {"LISTENER_MAX_RETRIES": "1", "LISTENER_BACKOFF_FACTOR": "0.01"}
+    run = run_cli(
+        "train=speaker",
+        "listener=remote",
+        f"listener.port={dead}",
+        f"lewis.shapes_root={shapes_root}",
+        "logger=none",
+        "trainer.max_steps=2",
+        f"hydra.run.dir={tmp_path}",
+        env=env,
+    )
+    assert run.returncode == 0, run.stdout[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["reward/accuracy"] == 0.0 for r in rows)
+    assert rows[-1]["failures/accuracy/requests_failed"] == 8
+    assert all(r["error"] and r["accuracy"] == 0.0 for r in _predictions(tmp_path))
+    assert "listener could not score" in (tmp_path / "run.log").read_text()
+
+
+@pytest.mark.slow
+def test_listener_training_on_ground_truth_descriptions(shapes_root, tmp_path):
+    run = run_cli(
+        "train=listener",
+        f"lewis.shapes_root={shapes_root}",
+        "logger=none",
+        "trainer.max_steps=2",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert run.returncode == 0, run.stdout[-3000:]
+    sample = json.loads((tmp_path / "samples.jsonl").read_text().splitlines()[0])
+    assert sample["prompt"].startswith("<image><image><image><image>Description: ")
+    assert set(sample["rewards"]) == {"accuracy", "format"}
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
