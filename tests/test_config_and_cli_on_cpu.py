@@ -14,8 +14,9 @@ from conftest import JUDGE_KEY, ROOT, free_port, run_cli
 from core.rewards import RewardMix
 
 CONF = ROOT / "conf"
-# reward_component and entailment are sub-groups, composed inside reward/ and ig/ options.
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("reward_component", "entailment"))
+# reward_component, entailment and ppo are sub-groups, composed inside reward/, ig/ and service/ options.
+SUB_GROUPS = ("reward_component", "entailment", "ppo")
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in SUB_GROUPS)
 
 
 def options(group: str) -> list[str]:
