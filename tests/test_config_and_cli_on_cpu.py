@@ -71,7 +71,8 @@ def test_help_lists_the_groups():
     out = run_cli("--help", timeout=120).stdout
     for group in ("service", "model", "judge", "embedder", "reward", "logger", "check", "launch", "experiment"):
         assert f"{group}:" in out
-    assert "service: embedding, infogain, llm_judge" in out and "train: grpo" in out
+    assert "service: embedding, infogain, listener, llm_judge, policy, speaker, value" in out
+    assert "train: grpo, listener, speaker" in out and "vlm: qwen2-vl-2b, qwen2-vl-7b, tiny_vl" in out
 
 
 def test_cfg_job_prints_the_resolved_service_config():

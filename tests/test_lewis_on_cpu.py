@@ -5,6 +5,7 @@ from __future__ import annotations
 import filecmp
 import json
 import shutil
+import time
 
 import httpx
 import pytest
@@ -239,3 +240,34 @@ def test_listener_training_on_ground_truth_descriptions(shapes_root, tmp_path):
     assert sample["prompt"].startswith("<image><image><image><image>Description: ")
     assert set(sample["rewards"]) == {"accuracy", "format"}
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
+
+
+def test_inference_variables_set_the_gate_and_a_waiting_request_gets_503(monkeypatch, tiny_vl_cfg, shapes_root, games):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from core.app import ServerSettings
+    from core.local_server import ROOT
+    from lewis.apps import listener_app
+    from tests.conftest import ThreadServer
+
+    monkeypatch.setenv("INFERENCE_CONCURRENCY", "3")
+    monkeypatch.setenv("INFERENCE_ACQUIRE_TIMEOUT", "7")
+    monkeypatch.setenv("LISTENER_BATCH_SIZE", "9")
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["service=listener"])
+    OmegaConf.resolve(cfg)
+    assert (cfg.server.max_concurrency, cfg.server.acquire_timeout_s, cfg.engine.batch_size) == (3, 7, 9)
+
+    engine = ListenerEngine(tiny_vl_cfg, image_roots=[shapes_root], batch_size=8)
+    settings = ServerSettings(max_concurrency=1, acquire_timeout_s=0.05)
+    slow = [{"candidate_paths": g["candidates"], "question": question(g)} for g in games] * 6
+    with ThreadServer(listener_app(engine, settings)) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(http.post, "/batch_score", json={"batch": slow})
+            time.sleep(0.1)
+            second = http.post("/score", json=slow[0])
+            assert first.result().status_code == 200
+        assert second.status_code == 503 and "retry" in second.json()["error"]
