@@ -74,9 +74,10 @@ class PolicyEngine(AdapterEngine):
         step = self.settings.micro_batch_size
         for start in range(0, len(encoded), step):
             rows = encoded[start : start + step]
-            old, _ = self._logprobs(rows)
-            with self.model.disable_adapter():
-                ref, _ = self._logprobs(rows)
+            with self.lock:
+                old, _ = self._logprobs(rows)
+                with self.model.disable_adapter():
+                    ref, _ = self._logprobs(rows)
             extras.extend((row, old[i, : len(row[0]) - 1], ref[i, : len(row[0]) - 1]) for i, row in enumerate(rows))
         return extras
 

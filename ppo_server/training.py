@@ -66,7 +66,8 @@ class AdapterEngine:
         raise NotImplementedError
 
     def prepare(self, samples: Sequence[Sample]) -> list:
-        """Per-sample data the loss needs, computed once before the first step (under the lock)."""
+        """Per-sample data the loss needs, computed once before the first step; model calls take
+        ``self.lock`` one micro-batch at a time, so inference is not held up for the whole dataset."""
         return [None] * len(samples)
 
     def loss(self, samples: Sequence[Sample], extras: Sequence) -> tuple[torch.Tensor, dict]:
@@ -108,8 +109,7 @@ class AdapterEngine:
         out_dir.mkdir(parents=True, exist_ok=True)
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr)
-        with self.lock:
-            extras = self.prepare(samples)
+        extras = self.prepare(samples)
         order, rng = list(range(len(samples))), random.Random(s.seed)
         batches_per_epoch = -(-len(samples) // s.micro_batch_size)
         step, micro, stopped, losses = 0, 0, False, []

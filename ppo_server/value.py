@@ -57,11 +57,6 @@ class ValueEngine(AdapterEngine):
         loss = torch.nn.functional.mse_loss(predicted, target)
         return loss, {"mse": float(loss)}
 
-    def mse(self, samples: Sequence[Sample]) -> float:
-        """Mean squared error of the current values on ``samples`` (no training)."""
-        with torch.no_grad(), self.lock:
-            return float(self.loss(samples, [None] * len(samples))[0])
-
 
 def _conversations(messages) -> list[list[Mapping]]:
     """``messages`` as a list of conversations: one conversation (role/content objects) or a list of them."""
