@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from core.cache import LRUCache
 from core.dist import all_gather_object_fallback, get_world_info
 from core.rewards import RewardSample
 from lewis.agents import parse_description
@@ -87,8 +88,7 @@ class ListenerAccuracy:
     def __init__(self, listener, question: str = QUESTION, log_path: str | None = None, cache_size: int = 100_000):
         self.listener, self.question = listener, question
         self.log_path = Path(log_path) if log_path else _run_dir_log()
-        self.cache: dict[tuple, dict] = {}
-        self.cache_size = cache_size
+        self.cache = LRUCache(cache_size)
         self.calls = 0
         self.stats = {"listener_items": 0, "cache_hits": 0, "requests_failed": 0}
 
@@ -98,14 +98,14 @@ class ListenerAccuracy:
         for s in samples:
             description = spoken_description(s.completion)
             keys.append((description, tuple(s.extra_info["candidates"])))
-        self.stats["cache_hits"] += sum(1 for k in keys if k in self.cache)
-        missing = list(dict.fromkeys(k for k in keys if k not in self.cache))
-        fresh = self._ask(missing)
+        known = {k: v for k in dict.fromkeys(keys) if (v := self.cache.get(k)) is not None}
+        self.stats["cache_hits"] += sum(1 for k in keys if k in known)
+        fresh = self._ask([k for k in dict.fromkeys(keys) if k not in known])
         for gathered in all_gather_object_fallback(fresh):
             self._remember(gathered)
         scores, records = [], []
         for s, key in zip(samples, keys, strict=True):
-            result = self.cache.get(key) or fresh.get(key) or {"error": "no result"}
+            result = known.get(key) or fresh.get(key) or {"error": "no result"}
             target = int(s.extra_info["target_index"])
             ok = "error" not in result and result["predicted_index"] == target
             scores.append(1.0 if ok else 0.0)
@@ -144,9 +144,7 @@ class ListenerAccuracy:
     def _remember(self, results: dict) -> None:
         for key, result in results.items():
             if "error" not in result:  # failures are asked again next time
-                self.cache[key] = result
-        while len(self.cache) > self.cache_size:
-            self.cache.pop(next(iter(self.cache)))
+                self.cache.put(key, result)
 
     def _log(self, records: list[dict]) -> None:
         rank, _ = get_world_info()
