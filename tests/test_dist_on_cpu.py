@@ -1,5 +1,5 @@
 """core.dist in one process (fallbacks) and in a real two-process gloo group, with the Lewis
-accuracy reward sharing its listener cache across ranks."""
+accuracy reward (a tiny listener on each rank) sharing its listener results across ranks."""
 
 from __future__ import annotations
 
@@ -9,25 +9,21 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from core.dist import all_gather_object_fallback, broadcast_object_fallback, get_world_info
-from core.local_server import free_port
+from core.local_server import ROOT, free_port
 from core.rewards import RewardSample
+from lewis.agents import ListenerEngine
+from lewis.data import load_games, make_shapes
 from lewis.rewards import ListenerAccuracy
 
 
-class CountingListener:
-    """A scripted listener (the partner service's contract): picks candidate 0, counts items asked."""
-
-    def __init__(self):
-        self.items = 0
-
-    def batch_score(self, batch):
-        self.items += len(batch)
-        return {"results": [{"yes_probabilities": [0.9, 0.1], "predicted_index": 0} for _ in batch], "took": 0.0}
-
-
-def samples(descriptions: list[str]) -> list[RewardSample]:
-    game = {"candidates": ["a.png", "b.png"], "target_index": 0}
-    return [RewardSample(f"<detailed>{d}</detailed>", extra_info=game) for d in descriptions]
+def samples(games: list[dict]) -> list[RewardSample]:
+    return [
+        RewardSample(
+            f"<detailed>{g['description']}</detailed>",
+            extra_info={"candidates": g["candidates"], "target_index": g["target_index"]},
+        )
+        for g in games
+    ]
 
 
 def test_fallbacks_without_a_process_group():
@@ -37,28 +33,31 @@ def test_fallbacks_without_a_process_group():
     assert broadcast_object_fallback("mine") == "mine"
 
 
-def _rank(rank: int, port: int, out_dir: str) -> None:
+def _rank(rank: int, port: int, root: str, tiny_vl: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         assert get_world_info() == (rank, 2)
         assert all_gather_object_fallback(rank * 10) == [0, 10]
         assert broadcast_object_fallback(f"from {rank}") == "from 0"
-        listener = CountingListener()
+        listener = ListenerEngine(tiny_vl, image_roots=[root], batch_size=16)
         reward = ListenerAccuracy(listener, log_path=None)
-        mine, theirs = ["red circle", "blue square"], ["green triangle", "two small squares"]
-        if rank == 1:
-            mine, theirs = theirs, mine
-        assert reward(samples(mine)) == [1.0, 1.0]
-        asked = listener.items
-        assert reward(samples(theirs)) == [1.0, 1.0]  # the other rank's results arrived with the gather
-        with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
-            f.write(f"{asked} {listener.items}")
+        games = load_games(root)
+        mine, theirs = (games[:2], games[2:4]) if rank == 0 else (games[2:4], games[:2])
+        reward(samples(mine))
+        asked = listener.model_calls
+        reward(samples(theirs))  # the other rank's results arrived with the gather: no model call
+        with open(os.path.join(root, f"rank{rank}"), "w") as f:
+            f.write(f"{asked} {listener.model_calls} {reward.stats['cache_hits']}")
     finally:
         dist.destroy_process_group()
 
 
 def test_two_ranks_share_listener_results(tmp_path):
-    mp.spawn(_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    from omegaconf import OmegaConf
+
+    root = make_shapes(tmp_path / "shapes", games=8, seed=1)
+    tiny_vl = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/vlm/tiny_vl.yaml"))
+    mp.spawn(_rank, args=(free_port(), str(root), tiny_vl), nprocs=2, join=True)
     for rank in (0, 1):
-        assert (tmp_path / f"rank{rank}").read_text() == "2 2"
+        assert (root / f"rank{rank}").read_text() == "1 1 2"
