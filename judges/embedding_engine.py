@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from core.models import device_for, model_label, resolve_path, torch_dtype
+from core.models import device_for, load_kwargs, model_label, model_path
 
 
 class InputTooLong(ValueError):
@@ -38,14 +38,13 @@ class EmbeddingEngine:
         from sentence_transformers import SentenceTransformer
 
         self.device = device_for(gpus)
-        name = model.get("name_or_path")
-        if not name:
+        if not model.get("name_or_path"):
             raise ValueError("an embedding model needs `name_or_path` (e.g. sentence-transformers/all-MiniLM-L6-v2)")
         self.name = model_label(model)
         self.model = SentenceTransformer(
-            resolve_path(name),
+            model_path(model),
             device=str(self.device),
-            model_kwargs={"dtype": torch_dtype(model.get("dtype"), self.device)},
+            model_kwargs=load_kwargs(model, self.device),
         )
         self.tokenizer = self.model.tokenizer
         self.max_input_length = int(self.model.max_seq_length)

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from core.errors import APIError
-from core.models import device_for
+from core.models import device_for, has_random_weights
 from lewis.images import ImageStore
 from lewis.vlm import build_vlm, load_processor
 
@@ -38,6 +38,7 @@ class _VLMPlayer:
 
     def __init__(self, model: Mapping, gpus: int, image_roots: Sequence[str]):
         self.device = device_for(gpus)
+        self.random_weights = has_random_weights(model, type(self).__name__.removesuffix("Engine").lower())
         self.processor = load_processor(model)
         self.model = build_vlm(model, self.processor, self.device)
         self.images = ImageStore(image_roots)

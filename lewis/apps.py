@@ -49,7 +49,10 @@ class DescribeRequest(BaseModel):
 def listener_app(engine, settings: ServerSettings) -> FastAPI:
     """The listener service over a ``ListenerEngine``."""
     app = create_app(
-        "listener", settings, metrics_namespace="listener", health=lambda: {"model_calls": engine.model_calls}
+        "listener",
+        settings,
+        metrics_namespace="listener",
+        health=lambda: {"model_calls": engine.model_calls, "random_weights": engine.random_weights},
     )
 
     @app.post("/score")
@@ -67,7 +70,10 @@ def listener_app(engine, settings: ServerSettings) -> FastAPI:
 def speaker_app(engine, settings: ServerSettings) -> FastAPI:
     """The speaker service over a ``SpeakerEngine``."""
     app = create_app(
-        "speaker", settings, metrics_namespace="speaker", health=lambda: {"model_calls": engine.model_calls}
+        "speaker",
+        settings,
+        metrics_namespace="speaker",
+        health=lambda: {"model_calls": engine.model_calls, "random_weights": engine.random_weights},
     )
 
     @app.post("/describe")

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
-from core.models import packaged_tokenizer, resolve_path, torch_dtype
+from core.models import load_kwargs, model_path, packaged_tokenizer
 
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
@@ -63,13 +63,12 @@ def _tiny_processor(model_cfg: Mapping):
 
 def load_processor(model_cfg: Mapping):
     """The model's processor (tokenizer + image processor); left padding for generation."""
-    name = model_cfg.get("name_or_path")
-    if not name:
+    if not model_cfg.get("name_or_path"):
         return _tiny_processor(model_cfg)
     from transformers import AutoProcessor
 
     extra = {k: int(model_cfg[k]) for k in ("min_pixels", "max_pixels") if model_cfg.get(k)}
-    processor = AutoProcessor.from_pretrained(resolve_path(name), **extra)
+    processor = AutoProcessor.from_pretrained(model_path(model_cfg), **extra)
     processor.tokenizer.padding_side = "left"
     return processor
 
@@ -78,12 +77,9 @@ def build_vlm(model_cfg: Mapping, processor, device: torch.device):
     """Qwen2-VL from ``name_or_path``, or a tiny random one whose vocabulary matches ``processor``."""
     from transformers import AutoModelForImageTextToText, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    name = model_cfg.get("name_or_path")
-    if name:
-        kwargs = {"dtype": torch_dtype(model_cfg.get("dtype"), device)}
-        if model_cfg.get("attn_implementation"):
-            kwargs["attn_implementation"] = model_cfg["attn_implementation"]
-        return AutoModelForImageTextToText.from_pretrained(resolve_path(name), **kwargs).to(device).eval()
+    if model_cfg.get("name_or_path"):
+        model = AutoModelForImageTextToText.from_pretrained(model_path(model_cfg), **load_kwargs(model_cfg, device))
+        return model.to(device).eval()
     from omegaconf import OmegaConf
 
     tok = processor.tokenizer
