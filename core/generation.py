@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
-from core.models import build_causal_lm, device_for, load_tokenizer, model_label
+from core.models import build_causal_lm, device_for, end_token_ids, has_random_weights, load_tokenizer, model_label
 
 Message = Mapping[str, str]
 
@@ -26,8 +27,19 @@ class SamplingParams:
     top_p: float = 0.8
     max_tokens: int = 512
     seed: int | None = None
-    # Also return each completion's mean token log-likelihood (from the generation scores).
+    # Also return each generated token's log-probability and the completion's mean (``mean_logprob``).
     logprobs: bool = False
+    # With ``logprobs``: this many most likely tokens at each position (OpenAI's ``top_logprobs``).
+    top_logprobs: int = 0
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token, its log-probability under the model, and the most likely alternatives."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
 
 
 @dataclass
@@ -39,6 +51,7 @@ class Completion:
     completion_tokens: int
     stop_found: str | None = None
     mean_logprob: float | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 def cut_at_stop(text: str, stop: Sequence[str] | None) -> tuple[str, str | None]:
@@ -52,11 +65,54 @@ def cut_at_stop(text: str, stop: Sequence[str] | None) -> tuple[str, str | None]
 
 
 def apply_stop(completion: Completion, stop: Sequence[str] | None) -> Completion:
-    """The completion cut at its first stop string (finish reason ``stop`` when one was found)."""
+    """The completion cut at its first stop string (finish reason ``stop`` when one was found);
+    token log-probabilities, their mean and the token count then cover only the kept text."""
     text, found = cut_at_stop(completion.text, stop)
     if found is None:
         return completion
-    return Completion(text, "stop", completion.completion_tokens, found, completion.mean_logprob)
+    cut = replace(completion, text=text, finish_reason="stop", stop_found=found)
+    if completion.logprobs:
+        kept, at = [], 0
+        for token in completion.logprobs:
+            if at >= len(text):
+                break
+            kept.append(token)
+            at += len(token.token)
+        cut.logprobs, cut.completion_tokens = kept, len(kept)
+        cut.mean_logprob = sum(t.logprob for t in kept) / len(kept) if kept else 0.0
+    return cut
+
+
+class LogprobRecorder(LogitsProcessor):
+    """Records the model's log-probability of each token ``generate`` picks, as it generates.
+
+    Placed among ``generate``'s logits processors (before temperature and top-p), it sees the
+    model's distribution at every step; the token picked at step t shows up in ``input_ids`` at
+    step t+1, so only one step's distribution is held at a time (a full ``output_scores`` would
+    hold rows × steps × vocabulary floats: gigabytes for a 49k vocabulary).
+    """
+
+    def __init__(self, top: int = 0):
+        self.top = top
+        self._last: torch.Tensor | None = None
+        self.chosen: list[torch.Tensor] = []
+        self.alternatives: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._last is not None:
+            self.chosen.append(self._last.gather(1, input_ids[:, -1:]).squeeze(1))
+        self._last = torch.log_softmax(scores.float(), dim=-1)
+        if self.top:
+            values, indices = self._last.topk(self.top, dim=-1)
+            self.alternatives.append((values.cpu(), indices.cpu()))
+        return scores
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """[rows, generated tokens] log-probabilities, once ``generate`` returned ``sequences``."""
+        if self._last is not None:
+            self.chosen.append(self._last.gather(1, sequences[:, -1:]).squeeze(1))
+            self._last = None
+        return torch.stack(self.chosen, dim=1).cpu()
 
 
 class GenerationEngine:
@@ -73,10 +129,12 @@ class GenerationEngine:
         self.tokenizer = load_tokenizer(model)
         self.model = build_causal_lm(model, self.tokenizer, self.device)
         self.name = model_label(model)
+        self.random_weights = has_random_weights(model, "generation")
         self.max_model_len = int(
             model.get("max_model_len") or getattr(self.model.config, "max_position_embeddings", 2048)
         )
         self.max_batch_size = max_batch_size
+        self.end_ids = end_token_ids(self.tokenizer, self.model.generation_config)
         self.generate_calls = 0
         self._lock = threading.Lock()
 
@@ -107,11 +165,13 @@ class GenerationEngine:
         """``params.n`` continuations for each prompt, cut at the first of ``stop``."""
         out: list[list[Completion]] = []
         for start in range(0, len(prompts), self.max_batch_size):
-            out.extend(self._generate(list(prompts[start : start + self.max_batch_size]), params))
+            out.extend(self._generate(list(prompts[start : start + self.max_batch_size]), params, stop))
         return [[apply_stop(c, stop) for c in group] for group in out]
 
     @torch.inference_mode()
-    def _generate(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
+    def _generate(
+        self, prompts: list[str], params: SamplingParams, stop: Sequence[str] | None
+    ) -> list[list[Completion]]:
         max_input = max(8, self.max_model_len - params.max_tokens)
         enc = self.tokenizer(
             prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_input, add_special_tokens=False
@@ -120,37 +180,51 @@ class GenerationEngine:
         sampling = params.temperature > 0
         # Greedy decoding gives the same sequence n times (as vLLM does); generate it once.
         per_prompt = params.n if sampling else 1
+        recorder = LogprobRecorder(params.top_logprobs) if params.logprobs else None
         kwargs = {
             "do_sample": sampling,
             "max_new_tokens": params.max_tokens,
             "num_return_sequences": per_prompt,
             "pad_token_id": self.tokenizer.pad_token_id,
+            # Every end id stops a row, not only the tokenizer's eos.
+            "eos_token_id": self.end_ids,
+            "logits_processor": LogitsProcessorList([recorder] if recorder else []),
         }
         if sampling:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
-        if params.logprobs:
-            kwargs.update(output_scores=True, return_dict_in_generate=True)
+        if stop:  # rows end at a stop string instead of running to max_tokens (the text is cut after)
+            kwargs.update(stop_strings=[s for s in stop if s], tokenizer=self.tokenizer)
         with self._lock:
             if params.seed is not None:
                 torch.manual_seed(params.seed)
-            out = self.model.generate(**enc, **kwargs)
+            sequences = self.model.generate(**enc, **kwargs)
             self.generate_calls += 1
-        sequences = out.sequences if params.logprobs else out
-        # Log-probabilities of the chosen tokens under the sampling distribution, from the scores
-        # generate already computed (no second forward pass).
-        token_logprobs = (
-            self.model.compute_transition_scores(sequences, out.scores, normalize_logits=True).tolist()
-            if params.logprobs
-            else None
-        )
+        token_logprobs = recorder.finish(sequences) if recorder else None
         new_tokens = sequences[:, enc["input_ids"].shape[1] :].tolist()
-        eos = self.tokenizer.eos_token_id
         completions = []
         for row, ids in enumerate(new_tokens):
-            length = ids.index(eos) + 1 if eos in ids else len(ids)
-            finished = eos in ids
+            end = next((k for k, t in enumerate(ids) if t in self.end_ids), None)
+            length = len(ids) if end is None else end + 1
             text = self.tokenizer.decode(ids[:length], skip_special_tokens=True)
-            mean_logprob = sum(token_logprobs[row][:length]) / length if token_logprobs else None
-            completions.append(Completion(text, "stop" if finished else "length", length, None, mean_logprob))
+            completion = Completion(text, "length" if end is None else "stop", length)
+            if token_logprobs is not None:
+                # Only the generated tokens up to and including the end id count, never padding.
+                values = token_logprobs[row, :length].tolist()
+                completion.mean_logprob = sum(values) / length
+                completion.logprobs = self._token_logprobs(recorder, row, ids[:length], values)
+            completions.append(completion)
         groups = [completions[i * per_prompt : (i + 1) * per_prompt] for i in range(len(prompts))]
         return [group * (params.n // per_prompt) for group in groups]
+
+    def _token_logprobs(self, recorder: LogprobRecorder, row: int, ids: list[int], values: list[float]):
+        out = []
+        for step, (token, value) in enumerate(zip(ids, values, strict=True)):
+            top = []
+            if recorder.top:
+                top_values, top_ids = recorder.alternatives[step]
+                top = [
+                    (self.tokenizer.decode([int(t)]), float(v))
+                    for v, t in zip(top_values[row], top_ids[row], strict=True)
+                ]
+            out.append(TokenLogprob(self.tokenizer.decode([token]), value, top))
+        return out

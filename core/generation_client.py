@@ -10,8 +10,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from core.generation import Completion, Message, SamplingParams
+from core.generation import Completion, Message, SamplingParams, TokenLogprob
 from core.http import HTTPClient, chunks
+
+
+def _token_logprobs(logprobs: dict | None) -> list[TokenLogprob] | None:
+    """The choice's ``logprobs`` in either OpenAI shape (chat ``content`` list, or completions' arrays)."""
+    if not logprobs:
+        return None
+    if "content" in logprobs:
+        return [
+            TokenLogprob(t["token"], t["logprob"], [(a["token"], a["logprob"]) for a in t.get("top_logprobs") or []])
+            for t in logprobs["content"] or []
+        ]
+    tops = logprobs.get("top_logprobs") or [None] * len(logprobs["tokens"])
+    return [
+        TokenLogprob(token, value, list((top or {}).items()))
+        for token, value, top in zip(logprobs["tokens"], logprobs["token_logprobs"], tops, strict=True)
+    ]
 
 
 def _completion(choice: dict, tokens: int) -> Completion:
@@ -19,8 +35,14 @@ def _completion(choice: dict, tokens: int) -> Completion:
     if text is None:
         text = (choice.get("message") or {}).get("content") or ""
     stop_reason = choice.get("stop_reason")
+    logprobs = _token_logprobs(choice.get("logprobs"))
     return Completion(
-        text, choice.get("finish_reason") or "stop", tokens, stop_reason if isinstance(stop_reason, str) else None
+        text,
+        choice.get("finish_reason") or "stop",
+        tokens,
+        stop_reason if isinstance(stop_reason, str) else None,
+        sum(t.logprob for t in logprobs) / len(logprobs) if logprobs else None,
+        logprobs,
     )
 
 
@@ -70,7 +92,7 @@ class GenerationClient:
             self._model_name = models[0]["id"]
         return self._model_name
 
-    def _sampling(self, params: SamplingParams, stop: Sequence[str] | None) -> dict:
+    def _sampling(self, params: SamplingParams, stop: Sequence[str] | None, chat: bool) -> dict:
         body = {
             "model": self.name,
             "n": params.n,
@@ -82,6 +104,10 @@ class GenerationClient:
             body["seed"] = params.seed
         if stop:
             body["stop"] = list(stop)
+        if params.logprobs and chat:
+            body.update(logprobs=True, top_logprobs=params.top_logprobs)
+        elif params.logprobs:
+            body["logprobs"] = params.top_logprobs
         return body
 
     def chat(
@@ -92,7 +118,7 @@ class GenerationClient:
         enable_thinking: bool | None = None,
     ) -> list[list[Completion]]:
         """``params.n`` assistant replies for each conversation."""
-        base = self._sampling(params, stop)
+        base = self._sampling(params, stop, chat=True)
         if enable_thinking is not None:
             base["chat_template_kwargs"] = {"enable_thinking": enable_thinking}
 
@@ -109,7 +135,7 @@ class GenerationClient:
         self, prompts: Sequence[str], params: SamplingParams = SamplingParams(), stop: Sequence[str] | None = None
     ) -> list[list[Completion]]:
         """``params.n`` continuations for each prompt."""
-        base = self._sampling(params, stop)
+        base = self._sampling(params, stop, chat=False)
         out: list[list[Completion]] = []
         for part in chunks(list(prompts), self.prompts_per_request):
             body = self.http.post("/v1/completions", {**base, "prompt": list(part)})

@@ -4,30 +4,37 @@ Routes, as vLLM's OpenAI server answers them (the subset a judge needs):
 
 * ``GET /v1/models``
 * ``POST /v1/chat/completions`` ``{messages, n, temperature, top_p, max_tokens, stop, seed,
-  chat_template_kwargs: {enable_thinking}}`` (no streaming)
-* ``POST /v1/completions`` ``{prompt: str | [str], ...same sampling fields}``
+  logprobs, top_logprobs, stream, stream_options, chat_template_kwargs: {enable_thinking}}``
+* ``POST /v1/completions`` ``{prompt: str | [str], logprobs: int, ...same sampling fields}``
 * ``POST /judge`` ``{items: [{problem, reference, candidate}], prompt_template, ...}`` →
   ``{scores, replies}``: the judge itself, for callers that are not Python
 * ``GET /health``, ``GET /metrics`` (shared kit)
 
-Concurrent requests with equal sampling parameters share one ``generate`` call.
+Concurrent requests with equal sampling parameters share one ``generate`` call. Log-probabilities
+come in vLLM's shapes (chat: ``logprobs.content[].top_logprobs``; completions: ``tokens``,
+``token_logprobs``, ``top_logprobs``, ``text_offset``). ``stream: true`` answers as server-sent
+events once the completion is done (one content chunk per choice, then ``[DONE]``). Request
+fields this server cannot honour (tools, response formats, penalties, ...) are refused with a
+400 that names them, rather than silently ignored.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
 from hydra.utils import instantiate
 from pydantic import BaseModel, Field, PositiveInt
 
 from core.app import ServerSettings, add_batcher, check_batch_size, create_app
 from core.errors import APIError
-from core.generation import Completion, GenerationEngine, SamplingParams, apply_stop
+from core.generation import Completion, GenerationEngine, SamplingParams, TokenLogprob, apply_stop
 from core.serving import serve
-from judges.prompts import parse_reward, render, resolve_template
+from judges.prompts import judge_sampling, judge_score, render, resolve_template
 
 
 class TextPart(BaseModel):
@@ -56,6 +63,42 @@ class Sampling(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    stream_options: dict | None = None
+    # OpenAI fields this server does not implement: refused (400) unless left at their no-op value.
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    logit_bias: Any = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    best_of: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+
+
+# field -> its values that change nothing (any other value is refused)
+_NO_OP_VALUES = {
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
+}
+
+
+def refuse_unsupported(req: Sampling) -> None:
+    """400 naming every field that asks for something this server does not do."""
+    asked = [name for name, no_ops in _NO_OP_VALUES.items() if getattr(req, name) not in no_ops]
+    if asked:
+        raise APIError(400, f"not supported by this server: {', '.join(asked)}; leave them unset")
 
 
 class ChatRequest(Sampling):
@@ -63,12 +106,15 @@ class ChatRequest(Sampling):
 
     messages: list[ChatMessage] = Field(min_length=1)
     chat_template_kwargs: dict | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class CompletionRequest(Sampling):
     """``/v1/completions`` body."""
 
     prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class JudgeItem(BaseModel):
@@ -83,6 +129,8 @@ class JudgeRequest(BaseModel):
     """``/judge`` body (seed 003's judge options)."""
 
     items: list[JudgeItem]
+    # text (parse REWARD: x) | logprobs (p(yes) of a yes/no answer)
+    mode: Literal["text", "logprobs"] = "text"
     prompt_template: str = "default"
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     top_p: float = Field(0.8, gt=0.0, le=1.0)
@@ -90,13 +138,65 @@ class JudgeRequest(BaseModel):
     enable_thinking: bool = False
 
 
+def _chat_logprobs(tokens: list[TokenLogprob]) -> dict:
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {
+        "content": [
+            {**entry(t.token, t.logprob), "top_logprobs": [entry(tok, lp) for tok, lp in t.top]} for t in tokens
+        ]
+    }
+
+
+def _completion_logprobs(tokens: list[TokenLogprob]) -> dict:
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t.token)
+    return {
+        "text_offset": offsets,
+        "token_logprobs": [t.logprob for t in tokens],
+        "tokens": [t.token for t in tokens],
+        "top_logprobs": [dict(t.top) for t in tokens],
+    }
+
+
 def _choice(index: int, c: Completion, chat: bool) -> dict:
-    body = {"index": index, "finish_reason": c.finish_reason, "stop_reason": c.stop_found, "logprobs": None}
+    logprobs = None
+    if c.logprobs is not None:
+        logprobs = _chat_logprobs(c.logprobs) if chat else _completion_logprobs(c.logprobs)
+    body = {"index": index, "finish_reason": c.finish_reason, "stop_reason": c.stop_found, "logprobs": logprobs}
     if chat:
         body["message"] = {"role": "assistant", "content": c.text}
     else:
         body["text"] = c.text
     return body
+
+
+def _sse(body: dict, chat: bool, include_usage: bool) -> StreamingResponse:
+    """A finished completion as OpenAI's stream of chunks (server-sent events)."""
+    head = {k: body[k] for k in ("id", "created", "model")}
+    head["object"] = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(choices: list, **extra) -> str:
+        return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
+
+    def events():
+        for c in body["choices"]:
+            base = {"index": c["index"], "logprobs": None, "finish_reason": None}
+            if chat:
+                yield chunk([{**base, "delta": {"role": "assistant", "content": ""}}])
+                yield chunk([{**base, "delta": {"content": c["message"]["content"]}, "logprobs": c["logprobs"]}])
+                yield chunk([{**base, "delta": {}, "finish_reason": c["finish_reason"]}])
+            else:
+                yield chunk([{**base, "text": c["text"], "logprobs": c["logprobs"]}])
+                yield chunk([{**base, "text": "", "finish_reason": c["finish_reason"]}])
+        if include_usage:
+            yield chunk([], usage=body["usage"])
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 def judge_app(
@@ -111,13 +211,12 @@ def judge_app(
         "llm_judge",
         settings,
         metrics_namespace="generation",
-        health=lambda: {"model": engine.name, "device": str(engine.device)},
+        health=lambda: {"model": engine.name, "device": str(engine.device), "random_weights": engine.random_weights},
     )
     batcher = add_batcher(app, lambda prompts, params: engine.complete(prompts, params), max_batch_size, max_wait_ms)
 
-    def sampling(req: Sampling, default_tokens: int) -> SamplingParams:
-        if req.stream:
-            raise APIError(400, "stream=true is not supported by this server; send stream=false")
+    def sampling(req: Sampling, default_tokens: int, top_logprobs: int | None) -> SamplingParams:
+        refuse_unsupported(req)
         if req.model is not None and req.model != engine.name:
             raise APIError(
                 404, f"The model `{req.model}` does not exist; this server serves `{engine.name}`", "not_found"
@@ -126,7 +225,13 @@ def judge_app(
         if max_tokens >= engine.max_model_len:
             raise APIError(400, f"max_tokens {max_tokens} must be below the model's context {engine.max_model_len}")
         return SamplingParams(
-            n=req.n, temperature=req.temperature, top_p=req.top_p, max_tokens=max_tokens, seed=req.seed
+            n=req.n,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            max_tokens=max_tokens,
+            seed=req.seed,
+            logprobs=top_logprobs is not None,
+            top_logprobs=top_logprobs or 0,
         )
 
     async def generate(prompts: list[str], params: SamplingParams, stop) -> list[list[Completion]]:
@@ -134,6 +239,12 @@ def judge_app(
         stops = [stop] if isinstance(stop, str) else stop
         groups = await batcher.submit(prompts, key=params)
         return [[apply_stop(c, stops) for c in group] for group in groups]
+
+    def respond(req: Sampling, kind: str, prompts: list[str], groups: list[list[Completion]], chat: bool):
+        body = response(kind, prompts, groups, chat)
+        if req.stream:
+            return _sse(body, chat, bool((req.stream_options or {}).get("include_usage")))
+        return body
 
     def response(kind: str, prompts: list[str], groups: list[list[Completion]], chat: bool) -> dict:
         choices = [_choice(i * len(g) + j, c, chat) for i, g in enumerate(groups) for j, c in enumerate(g)]
@@ -169,7 +280,9 @@ def judge_app(
 
     @app.post("/v1/chat/completions")
     async def _chat(req: ChatRequest):
-        params = sampling(req, default_max_tokens)
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true")
+        params = sampling(req, default_max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
         messages = [
             {"role": m.role, "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
             for m in req.messages
@@ -177,14 +290,14 @@ def judge_app(
         thinking = (req.chat_template_kwargs or {}).get("enable_thinking")
         prompt = engine.render_chat(messages, None if thinking is None else bool(thinking))
         groups = await generate([prompt], params, req.stop)
-        return response("chat.completion", [prompt], groups, chat=True)
+        return respond(req, "chat.completion", [prompt], groups, chat=True)
 
     @app.post("/v1/completions")
     async def _completions(req: CompletionRequest):
-        params = sampling(req, 16)  # OpenAI's and vLLM's default for plain completions
+        params = sampling(req, 16, req.logprobs)  # 16: OpenAI's and vLLM's default for plain completions
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         groups = await generate(prompts, params, req.stop)
-        return response("text_completion", prompts, groups, chat=False)
+        return respond(req, "text_completion", prompts, groups, chat=False)
 
     @app.post("/judge")
     async def _judge(req: JudgeRequest):
@@ -193,7 +306,7 @@ def judge_app(
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
         check_batch_size(len(req.items), settings, "items")
-        params = SamplingParams(n=1, temperature=req.temperature, top_p=req.top_p, max_tokens=req.max_new_tokens)
+        params = judge_sampling(req.mode, req.temperature, req.top_p, req.max_new_tokens)
         prompts = [
             engine.render_chat(
                 [{"role": "user", "content": render(req.prompt_template, it.problem, it.reference, it.candidate)}],
@@ -201,12 +314,12 @@ def judge_app(
             )
             for it in req.items
         ]
-        replies = [g[0].text for g in await batcher.submit(prompts, key=params)]
-        parsed = [parse_reward(r) for r in replies]
+        replies = [g[0] for g in await batcher.submit(prompts, key=params)]
+        parsed = [judge_score(req.mode, r) for r in replies]
         return {
             "scores": [0.0 if p is None else p for p in parsed],
             "parsed": [p is not None for p in parsed],
-            "replies": replies,
+            "replies": [r.text for r in replies],
             "model": engine.name,
         }
 

@@ -1,10 +1,12 @@
-"""LLM-as-a-judge reward (seed 003): a generator model grades each completion against its references.
+"""LLM-as-a-judge reward: a generator model grades each completion against its references.
 
-For every (completion, reference) pair the judge prompt is rendered from a template, the
-generator replies, and ``REWARD: <score>`` is read from the reply (thinking blocks removed,
-clamped to [0, 1]). A completion's score is its best score over the references. When the
-generation server fails the pair scores 0.0 (never an exception into the trainer) and the
-failure is counted in ``stats`` and logged.
+For every (completion, reference) pair the judge prompt is rendered from a template and the
+generator answers. In ``text`` mode ``REWARD: <score>`` is read from the reply (thinking blocks
+removed, clamped to [0, 1]); in ``logprobs`` mode the score is p(yes) of a yes/no answer, from
+the first token's log-probabilities (see ``judges.prompts``). A completion's score is its best
+score over the references. When the generation server fails the pair scores 0.0 (never an
+exception into the trainer) and the failure is counted in ``stats`` and logged; a reply that
+gives no score counts as a parse failure.
 """
 
 from __future__ import annotations
@@ -14,11 +16,10 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from core.errors import ServiceError
-from core.generation import SamplingParams
 from core.generation_client import GenerationClient
 from core.http import chunks
 from core.rewards import RewardSample, references
-from judges.prompts import parse_reward, render, resolve_template
+from judges.prompts import judge_sampling, judge_score, render, resolve_template
 from judges.references import filter_references
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,9 @@ class LLMJudgeReward:
 
     Args:
         generator: a ``GenerationEngine`` (in-process) or ``GenerationClient`` (OpenAI-compatible server).
-        prompt_template: ``default``, ``detailed`` or a custom string with the placeholders.
-        temperature, top_p, max_new_tokens, enable_thinking: the judge's sampling (seed defaults).
+        mode: ``text`` (parse ``REWARD: x``) or ``logprobs`` (p(yes) of one greedy token).
+        prompt_template: ``default``, ``detailed``, ``yes_no`` or a custom string with the placeholders.
+        temperature, top_p, max_new_tokens, enable_thinking: the judge's sampling in ``text`` mode.
         batch_size: judge prompts sent per generator call.
 
     Per-sample ``extra_info`` may override every argument above and ``server_url``, ``api_key``,
@@ -42,6 +44,7 @@ class LLMJudgeReward:
     def __init__(
         self,
         generator,
+        mode: str = "text",
         prompt_template: str = "default",
         temperature: float = 0.7,
         top_p: float = 0.8,
@@ -49,8 +52,9 @@ class LLMJudgeReward:
         enable_thinking: bool = False,
         batch_size: int = 128,
     ):
-        resolve_template(prompt_template)  # refuse an unknown template before any scoring
-        self.generator = generator
+        resolve_template(prompt_template)  # refuse an unknown template or mode before any scoring
+        judge_sampling(mode, temperature, top_p, max_new_tokens)
+        self.generator, self.mode = generator, mode
         self.defaults = {
             "prompt_template": prompt_template,
             "temperature": float(temperature),
@@ -96,7 +100,7 @@ class LLMJudgeReward:
                 groups[key].append((i, render(opts["prompt_template"], problem, ref, s.completion)))
         scores = [0.0] * len(samples)
         for (gid, temperature, top_p, max_tokens, thinking, batch_size), pairs in groups.items():
-            params = SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+            params = judge_sampling(self.mode, temperature, top_p, max_tokens)
             for part in chunks(pairs, batch_size):
                 judged = self._judge(generators[gid], part, params, thinking)
                 for (i, _prompt), score in zip(part, judged, strict=True):
@@ -104,7 +108,7 @@ class LLMJudgeReward:
         self.stats["samples"] += len(samples)
         return scores
 
-    def _judge(self, generator, part, params: SamplingParams, thinking: bool) -> list[float]:
+    def _judge(self, generator, part, params, thinking: bool) -> list[float]:
         conversations = [[{"role": "user", "content": prompt}] for _, prompt in part]
         self.stats["judge_calls"] += len(conversations)
         try:
@@ -115,7 +119,7 @@ class LLMJudgeReward:
             return [0.0] * len(part)
         scores = []
         for reply in replies:
-            score = parse_reward(reply[0].text)
+            score = judge_score(self.mode, reply[0])
             if score is None:
                 self.stats["parse_failures"] += 1
                 score = 0.0

@@ -1,8 +1,21 @@
-"""Judge prompt templates and the ``REWARD: <score>`` answer format (seed 003)."""
+"""Judge prompt templates, the ``REWARD: <score>`` answer format, and yes/no scoring from log-probabilities.
+
+Two ways to read a judge:
+
+* ``text``: the judge writes a reply ending in ``REWARD: <score>`` (``default``/``detailed``
+  templates); large judges do this well, small ones rarely write the line at all.
+* ``logprobs``: the judge is asked a yes/no question (``yes_no`` template) and the score is
+  p(yes) / (p(yes) + p(no)) of its first token, read from the OpenAI API's ``top_logprobs``
+  (which vLLM serves too); it needs one generated token and works with small judges.
+"""
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Sequence
+
+from core.generation import Completion, SamplingParams
 
 PLACEHOLDERS = ("{PROBLEM}", "{REFERENCE_SOLUTION}", "{CANDIDATE_SOLUTION}")
 
@@ -28,7 +41,16 @@ TEMPLATES = {
         "End with a final line `REWARD: <score>`, where <score> is a number between 0 and 1 "
         "(1 = fully equivalent and correct, 0 = wrong or unrelated)."
     ),
+    "yes_no": (
+        "Question: {PROBLEM}\n"
+        "Reference answer: {REFERENCE_SOLUTION}\n"
+        "Candidate answer: {CANDIDATE_SOLUTION}\n"
+        "Is the candidate answer correct? Answer yes or no."
+    ),
 }
+MODES = ("text", "logprobs")
+# Alternatives read at the first generated position in logprobs mode (vLLM's default cap is 20).
+TOP_LOGPROBS = 20
 
 _REWARD = re.compile(r"REWARD\s*[:=]\s*\**\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))", re.IGNORECASE)
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
@@ -81,3 +103,34 @@ def parse_reward(text: str) -> float | None:
     if not found:
         return None
     return min(1.0, max(0.0, float(found[-1])))
+
+
+def yes_probability(top: Sequence[tuple[str, float]]) -> float | None:
+    """p(yes) / (p(yes) + p(no)) over the first token's alternatives ``(token, logprob)``, with
+    "Yes", " yes", "YES" and the like pooled; None when neither answer is among them.
+
+    >>> round(yes_probability([("Yes", math.log(0.6)), (" no", math.log(0.2)), ("The", math.log(0.1))]), 3)
+    0.75
+    """
+    yes = sum(math.exp(lp) for token, lp in top if token.strip().lower() == "yes")
+    no = sum(math.exp(lp) for token, lp in top if token.strip().lower() == "no")
+    return yes / (yes + no) if yes + no > 0 else None
+
+
+def judge_sampling(mode: str, temperature: float, top_p: float, max_tokens: int) -> SamplingParams:
+    """How the judge generates: the given sampling in ``text`` mode, one greedy token with its
+    alternatives in ``logprobs`` mode."""
+    if mode not in MODES:
+        raise ValueError(f"judge mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "logprobs":
+        return SamplingParams(n=1, temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=TOP_LOGPROBS)
+    return SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+
+
+def judge_score(mode: str, completion: Completion) -> float | None:
+    """The score a judge's answer gives in ``mode``, or None when it gives none."""
+    if mode == "text":
+        return parse_reward(completion.text)
+    if not completion.logprobs:  # a server that ignored the logprobs request
+        return None
+    return yes_probability(completion.logprobs[0].top)
