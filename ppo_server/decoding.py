@@ -8,8 +8,10 @@
   of each group is returned. transformers 5 removed group beam search from ``generate``, so
   the loop is ours; the other two strategies share it, so every strategy stops the same way.
 
-A row stops at the tokenizer's eos or as soon as its generated text contains a stop string;
-many prompts are decoded together (one "generate call" per batch).
+A row stops at any of the model's end ids (the tokenizer's eos and every id of the generation
+config's ``eos_token_id``; the end token is then reported as the stop string found) or as soon as
+its generated text contains a stop string; many prompts are decoded together (one "generate
+call" per batch).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from core.generation import cut_at_stop
+from core.models import end_token_ids
 
 STRATEGIES = ("temperature", "diverse_beam_search", "beam_search")
 # Generated tokens decoded at each step to look for a stop string (longer strings are still
@@ -52,7 +55,7 @@ class Decoded:
 
     text: str
     stop_string_found: str | None
-    # True when the model ended the sequence itself (eos), false when it ran out of tokens.
+    # True when the model ended the sequence itself (an end id), false otherwise.
     eos: bool
 
 
@@ -97,7 +100,8 @@ def decode(model, tokenizer, prompts: Sequence[str], spec: DecodeSpec) -> list[l
     done = torch.zeros(n * width, dtype=torch.bool, device=device)
     lengths = torch.zeros(n * width, dtype=torch.long, device=device)
     found: list[str | None] = [None] * (n * width)
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
+    ends = torch.tensor(end_token_ids(tokenizer, model.generation_config), device=device)
     cache, step_input = DynamicCache(), ids
     for _ in range(max(0, spec.max_output_length - prompt_len)):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_input.shape[1] :]
@@ -117,12 +121,15 @@ def decode(model, tokenizer, prompts: Sequence[str], spec: DecodeSpec) -> list[l
         lengths += (~done).long()
         ids = torch.cat([ids, tokens[:, None]], 1)
         mask = torch.cat([mask, torch.ones_like(tokens)[:, None]], 1)
-        done |= tokens == eos
+        ended = torch.isin(tokens, ends) & ~done
+        for row in ended.nonzero().flatten().tolist():
+            found[row] = tokenizer.convert_ids_to_tokens(int(tokens[row]))
+        done |= ended
         _mark_stops(tokenizer, ids[:, prompt_len:], lengths, done, found, spec.stop_strings)
         if bool(done.all()):
             break
         step_input = tokens[:, None]
-    return _collect(tokenizer, ids[:, prompt_len:], lengths, found, scores, spec, n, groups, beams, eos)
+    return _collect(tokenizer, ids[:, prompt_len:], lengths, found, scores, spec, n, groups, beams, ends.tolist())
 
 
 def _beam_step(scores, logp, done, pad: int, penalty: float):
@@ -159,7 +166,7 @@ def _mark_stops(tokenizer, generated, lengths, done, found: list, stop_strings: 
             done[row], found[row] = True, stop
 
 
-def _collect(tokenizer, generated, lengths, found, scores, spec, n, groups, beams, eos) -> list[list[Decoded]]:
+def _collect(tokenizer, generated, lengths, found, scores, spec, n, groups, beams, ends) -> list[list[Decoded]]:
     # Length-normalised scores rank the beams (length_penalty 1.0, as generate's default).
     norm = (scores.view(-1) / lengths.clamp(min=1)).view(n, groups, beams)
     out = []
@@ -168,14 +175,14 @@ def _collect(tokenizer, generated, lengths, found, scores, spec, n, groups, beam
             picks = norm[p, 0].argsort(descending=True).tolist()
         else:  # sampling (one beam per group) or the best beam of each diverse group
             picks = [g * beams + int(norm[p, g].argmax()) for g in range(groups)]
-        out.append([_decoded(tokenizer, generated, lengths, found, p * groups * beams + i, spec, eos) for i in picks])
+        out.append([_decoded(tokenizer, generated, lengths, found, p * groups * beams + i, spec, ends) for i in picks])
     return out
 
 
-def _decoded(tokenizer, generated, lengths, found, row: int, spec: DecodeSpec, eos: int) -> Decoded:
+def _decoded(tokenizer, generated, lengths, found, row: int, spec: DecodeSpec, ends: list[int]) -> Decoded:
     tokens = generated[row, : int(lengths[row])]
     text = tokenizer.decode(tokens, skip_special_tokens=spec.skip_special_tokens)
     # A stop string that is not a special token is still in the text: cut it off (it is reported).
     text, _ = cut_at_stop(text, spec.stop_strings)
-    ended = len(tokens) > 0 and int(tokens[-1]) == eos
+    ended = len(tokens) > 0 and int(tokens[-1]) in ends
     return Decoded(text, found[row], ended)

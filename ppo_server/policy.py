@@ -30,26 +30,19 @@ from ppo_server.training import AdapterEngine, TrainingService
 
 
 class PolicyEngine(AdapterEngine):
-    """A causal LM with a LoRA adapter that decodes batches and trains with PPO.
+    """A causal LM with a LoRA adapter that decodes batches and trains with PPO (arguments: ``AdapterEngine``)."""
 
-    Args:
-        model: a model config node (``conf/model/*.yaml``).
-        lora: the ``lora:`` node (``adapter_path`` loads a saved adapter).
-        gpus: 0 for the CPU.
-        training: ``TrainSettings`` fields.
-        max_batch_size: prompts decoded together (larger inputs are split).
-    """
-
-    def __init__(self, model: Mapping, lora: Mapping, gpus: int = 0, training=None, max_batch_size: int = 32):
-        super().__init__(model, lora, gpus, training, task_type="CAUSAL_LM")
-        self.max_batch_size = max_batch_size
-        self.generate_calls = 0
+    task_type = "CAUSAL_LM"
+    # Batched decode calls so far (the server's /health reports them).
+    generate_calls = 0
 
     def build(self, model_cfg: Mapping):
         return build_causal_lm(model_cfg, self.tokenizer, self.device)
 
-    def generate(self, prompts: Sequence[str], spec: DecodeSpec):
-        """``spec.num_samples`` ``Decoded`` sequences per prompt (one batched decode per ``max_batch_size``)."""
+    def generate(self, questions: Sequence[str], spec: DecodeSpec):
+        """``spec.num_samples`` ``Decoded`` sequences per question, each put in the prompt format
+        training uses (one batched decode per ``max_batch_size``)."""
+        prompts = [self.prompt([("user", q)]) for q in questions]
         out = []
         for start in range(0, len(prompts), self.max_batch_size):
             with self.lock:

@@ -31,6 +31,9 @@ from ppo_server.samples import Sample, collect_samples, write_samples
 
 log = logging.getLogger(__name__)
 
+# chat: the model's chat template around the question (instruct models); raw: the text as sent.
+PROMPT_FORMATS = ("chat", "raw")
+
 
 @dataclass
 class TrainSettings:
@@ -52,14 +55,41 @@ class AdapterEngine:
 
     Subclasses build ``self.model`` and implement ``prepare`` (per-sample data computed once before
     training) and ``loss`` (the loss of a micro-batch and its statistics).
+
+    Args:
+        model: a model config node (``conf/model/*.yaml``).
+        lora: the ``lora:`` node (``adapter_path`` loads a saved adapter).
+        gpus: 0 for the CPU.
+        training: ``TrainSettings`` fields.
+        max_batch_size: sequences per model call (larger inputs are split).
+        prompt_format: ``chat`` (the chat template around each question, as training sees it) or ``raw``.
     """
 
-    def __init__(self, model: Mapping, lora: Mapping, gpus: int, training: Mapping | None, task_type: str):
+    # PEFT task type of the adapter ("CAUSAL_LM", "SEQ_CLS").
+    task_type: str = ""
+
+    def __init__(
+        self,
+        model: Mapping,
+        lora: Mapping,
+        gpus: int = 0,
+        training: Mapping | None = None,
+        max_batch_size: int = 32,
+        prompt_format: str = "chat",
+    ):
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
+        self.prompt_format = prompt_format
+        self.max_batch_size = max_batch_size
         self.device = device_for(gpus)
         self.tokenizer = load_tokenizer(model)
         self.settings = TrainSettings(**dict(training or {}))
         self.lock = threading.Lock()
-        self.model = self._wrap(self.build(model), lora, task_type)
+        self.model = self._wrap(self.build(model), self.adapter_settings(lora))
+
+    def adapter_settings(self, lora: Mapping) -> Mapping:
+        """The ``lora:`` node as this engine trains it (a subclass may add modules to save)."""
+        return lora
 
     def build(self, model_cfg: Mapping):
         """The base model (without adapter), on ``self.device``, in eval mode."""
@@ -74,20 +104,28 @@ class AdapterEngine:
         """The micro-batch's loss (mean over the batch) and statistics to log."""
         raise NotImplementedError
 
-    def _wrap(self, base, lora: Mapping, task_type: str):
+    def _wrap(self, base, lora: Mapping):
         from peft import PeftModel, get_peft_model
 
         adapter = lora.get("adapter_path")
         if adapter:  # continue from a saved adapter (seed 002's LoRA model path)
             return PeftModel.from_pretrained(base, adapter, is_trainable=True).eval()
-        return get_peft_model(base, lora_config(lora, task_type=task_type)).eval()
+        return get_peft_model(base, lora_config(lora, task_type=self.task_type)).eval()
+
+    def prompt(self, messages: Sequence[tuple[str, str]], context: str = "") -> str:
+        """The text the model continues, the same for inference and training: the chat template
+        over ``messages`` (``prompt_format: chat``) or their contents as they are (``raw``),
+        followed by ``context`` (the steps so far)."""
+        if self.prompt_format == "raw":
+            return "\n".join(content for _, content in messages) + context
+        rendered = self.tokenizer.apply_chat_template(
+            [{"role": r, "content": c} for r, c in messages], tokenize=False, add_generation_prompt=True
+        )
+        return rendered + context
 
     def encode(self, sample: Sample) -> tuple[list[int], int]:
         """Token ids of prompt + context + response and where the response starts."""
-        prompt = self.tokenizer.apply_chat_template(
-            [{"role": r, "content": c} for r, c in sample.messages], tokenize=False, add_generation_prompt=True
-        )
-        prompt_ids = self.tokenizer(prompt + sample.context, add_special_tokens=False)["input_ids"]
+        prompt_ids = self.tokenizer(self.prompt(sample.messages, sample.context), add_special_tokens=False)["input_ids"]
         response_ids = self.tokenizer(sample.response, add_special_tokens=False)["input_ids"]
         response_ids = response_ids[: self.settings.max_length - 1]
         prompt_ids = prompt_ids[max(0, len(prompt_ids) - (self.settings.max_length - len(response_ids))) :]

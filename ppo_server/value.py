@@ -18,15 +18,13 @@ from ppo_server.training import AdapterEngine, TrainingService
 
 
 class ValueEngine(AdapterEngine):
-    """An LM with a value head and a LoRA adapter (the head itself is trained and saved in full).
+    """An LM with a value head and a LoRA adapter; the head itself is trained and saved in full
+    (arguments: ``AdapterEngine``)."""
 
-    Args: as ``PolicyEngine``.
-    """
+    task_type = "SEQ_CLS"
 
-    def __init__(self, model: Mapping, lora: Mapping, gpus: int = 0, training=None, max_batch_size: int = 32):
-        lora = {**dict(lora), "modules_to_save": list(lora.get("modules_to_save") or []) or ["score"]}
-        super().__init__(model, lora, gpus, training, task_type="SEQ_CLS")
-        self.max_batch_size = max_batch_size
+    def adapter_settings(self, lora: Mapping) -> Mapping:
+        return {**dict(lora), "modules_to_save": list(lora.get("modules_to_save") or []) or ["score"]}
 
     def build(self, model_cfg: Mapping):
         return build_value_model(model_cfg, self.tokenizer, self.device)
