@@ -26,6 +26,10 @@ from infogain.measure import (
 
 log = logging.getLogger(__name__)
 
+# Brief answers are one line: a sample ends at the line break (or where the model starts a new
+# question), so its likelihood is that of the answer, not of whatever the model writes after it.
+ANSWER_STOPS = ("\n", "Question:")
+
 PROMPTS = {
     "default": "Answer the following question as briefly as possible.\n{context}Question: {question}\nAnswer:",
     "sentence": "Answer the following question in a single brief but complete sentence.\n"
@@ -90,6 +94,7 @@ class InfoGainEngine:
             n=num_generations, temperature=temperature, top_p=1.0, max_tokens=max_new_tokens, logprobs=True, seed=seed
         )
         self.max_context_words, self.prompt = max_context_words, PROMPTS[prompt_type]
+        self.chat = prompt_type == "chat"
         self.sub_batch_size, self.chunk_size = sub_batch_size, computation_chunk_size
         self.estimator, self.strictness, self.metric = estimator, strictness, metric
 
@@ -100,7 +105,13 @@ class InfoGainEngine:
             "mode": "single-GPU" if device.startswith("cuda") else "single-process",
             "device": device,
             "num_workers": 1,
+            "random_weights": self.random_weights(),
         }
+
+    def random_weights(self) -> list[str]:
+        """The roles (generator, entailment) held by a tiny random-weight model: ΔIG means nothing then."""
+        parts = {"generator": self.generator, "entailment": self.entailment}
+        return [role for role, part in parts.items() if getattr(part, "random_weights", False)]
 
     def prompt_for(self, question: str, context: str | None) -> str:
         """The brief-answer prompt, with the context cut to ``max_context_words`` words."""
@@ -110,10 +121,15 @@ class InfoGainEngine:
         return self.prompt.format(context=block, question=question.strip())
 
     def sample(self, prompts: Sequence[str]) -> list[list]:
-        """``num_generations`` completions (with mean log-likelihoods) per prompt."""
+        """``num_generations`` completions (with mean log-likelihoods) per prompt; the ``chat``
+        prompt type goes through the generator's chat template, the others are continued as text."""
         out = []
         for start in range(0, len(prompts), self.sub_batch_size):
-            out.extend(self.generator.complete(list(prompts[start : start + self.sub_batch_size]), self.params))
+            part = list(prompts[start : start + self.sub_batch_size])
+            if self.chat:
+                out.extend(self.generator.chat([[{"role": "user", "content": p}] for p in part], self.params))
+            else:
+                out.extend(self.generator.complete(part, self.params, stop=ANSWER_STOPS))
         return out
 
     def compute(self, items: Sequence) -> list[dict]:

@@ -31,7 +31,11 @@ class _Worker:
         return self.engine.compute(items)
 
     def info(self) -> dict:
-        return {"device": str(self.engine.generator.device), "pid": os.getpid()}
+        return {
+            "device": str(self.engine.generator.device),
+            "pid": os.getpid(),
+            "random_weights": self.engine.random_weights(),
+        }
 
 
 class WorkerPool:
@@ -100,5 +104,6 @@ class WorkerPool:
             "mode": "multi-GPU" if self.gpus_per_worker else "multi-worker",
             "num_workers": len(self.alive),
             "devices": [self.infos[w]["device"] for w in self.alive],
+            "random_weights": self.infos[0]["random_weights"],
             "workers": [{**info, "alive": w in self.alive} for w, info in enumerate(self.infos)],
         }
