@@ -1,6 +1,6 @@
 """The one entrypoint: compose ``conf/`` with Hydra, then run the task the config names.
 
-python run.py                       # reward evaluation of the bundled sample
+python run.py                       # GRPO quickstart: SmolLM2-135M-Instruct on the bundled QA (CPU)
 python run.py service=embedding     # serve; see conf/config.yaml for the groups
 python run.py --help                # every group and option
 """

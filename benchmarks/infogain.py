@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import report  # noqa: E402
 from core.local_server import LocalServer  # noqa: E402
 
-COMMON = ["ig.num_generations=10", "ig.max_new_tokens=16", "server.max_concurrency=16", "logger=none"]
+COMMON = ["model=tiny_lm", "ig.num_generations=10", "ig.max_new_tokens=16", "server.max_concurrency=16", "logger=none"]
 CAPITALS = {
     "France": "Paris",
     "Japan": "Tokyo",
@@ -53,7 +53,7 @@ def make_items(n: int) -> list[dict]:
 class RepeatingAnswers:
     """Generator plug-in: 10 samples per prompt drawn like a real model's short answers."""
 
-    def complete(self, prompts, params):
+    def complete(self, prompts, params, stop=None):
         from core.generation import Completion
 
         pool = ["Paris", "Paris", "Paris", "paris", "Paris.", "Lyon", "Paris", "Marseille", "Paris", "Lyon"]
@@ -72,7 +72,7 @@ def pairs_checked(items: list[dict]) -> tuple[int, int]:
     from infogain.engine import InfoGainEngine
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["entailment@ig.entailment=embedding"])
+        cfg = compose("config", overrides=[])
     engine = InfoGainEngine(RepeatingAnswers(), instantiate(cfg.ig.entailment), num_generations=10)
     results = engine.compute(items)
     return (

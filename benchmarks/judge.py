@@ -43,8 +43,8 @@ def main() -> None:
     rows = []
     with (
         tempfile.TemporaryDirectory() as tmp,
-        LocalServer(tmp, "service=llm_judge") as batched,
-        LocalServer(tmp, "service=llm_judge", "batching.max_batch_size=1") as single,
+        LocalServer(tmp, "service=llm_judge", "model=tiny_lm") as batched,
+        LocalServer(tmp, "service=llm_judge", "model=tiny_lm", "batching.max_batch_size=1") as single,
     ):
         for label, temperature in (("greedy", 0.0), ("T=0.7 top_p=0.8", 0.7)):
             params = SamplingParams(n=1, temperature=temperature, top_p=0.8, max_tokens=args.max_tokens)

@@ -68,6 +68,7 @@ def main() -> None:
         LocalServer(
             tmp,
             "service=policy",
+            "model=tiny_lm",
             f"ppo.service.queue.num_samples={args.samples}",
             f"ppo.service.queue.max_output_length={args.max_output_length}",
         ) as server,

@@ -33,6 +33,7 @@ def train(run_dir: Path, steps: int, *overrides: str) -> None:
     command = [
         sys.executable,
         str(ROOT / "run.py"),
+        "experiment=smoke",
         "logger=none",
         f"trainer.max_steps={steps}",
         "trainer.save_strategy=no",
@@ -51,7 +52,10 @@ def main() -> None:
     embedded = served = float("inf")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        with LocalServer(tmp, "service=embedding") as emb, LocalServer(tmp, "service=llm_judge") as judge:
+        with (
+            LocalServer(tmp, "service=embedding") as emb,
+            LocalServer(tmp, "service=llm_judge", "model=tiny_lm") as judge,
+        ):
             for round_ in range(args.rounds):  # alternate, so drifting machine load hits both alike
                 train(tmp / f"embedded{round_}", args.steps)
                 embedded = min(embedded, step_seconds(tmp / f"embedded{round_}", per_step))
@@ -62,7 +66,8 @@ def main() -> None:
                     f"judge.url={judge.url}",
                     "embedder=remote",
                     f"embedder.url={emb.url}",
-                    "judge.max_new_tokens=32",
+                    "judge.mode=logprobs",
+                    "judge.prompt_template=yes_no",
                 )
                 served = min(served, step_seconds(tmp / f"served{round_}", per_step))
     report(

@@ -56,37 +56,53 @@ _OPPOSITES = {
 }
 
 
-def _row(question: str, answers: list[str], kind: str) -> dict:
+# Worked examples shown as earlier chat turns: small instruct models copy a format they have seen
+# far more reliably than one they are only told about.
+EXAMPLES = (
+    ("What is the capital of Italy?", "Rome"),
+    ("What is 2 plus 3?", "5"),
+    ("What is the opposite of 'big'?", "small"),
+)
+
+
+def _row(question: str, answers: list[str], kind: str, examples: int = 0) -> dict:
+    # The instruction is said once, as the system message (it also replaces a chat template's
+    # default system prompt): every prompt token costs a forward and backward pass per step.
+    prompt = [{"role": "system", "content": INSTRUCTION}]
+    for q, a in EXAMPLES[:examples]:
+        prompt += [{"role": "user", "content": q}, {"role": "assistant", "content": f"<answer>{a}</answer>"}]
     return {
-        "prompt": [{"role": "user", "content": f"{question} {INSTRUCTION}"}],
+        "prompt": [*prompt, {"role": "user", "content": question}],
         "ground_truth": answers,
         "extra_info": {"problem": question},
         "data_source": f"synthetic_qa/{kind}",
     }
 
 
-def synthetic_qa(n: int = 300, seed: int = 0) -> Dataset:
+def synthetic_qa(n: int = 300, seed: int = 0, examples: int = 0) -> Dataset:
     """``n`` short questions with checkable answers (arithmetic, capitals, opposites, spelling),
-    the same for the same ``seed``."""
+    the same for the same ``seed``; each prompt starts with ``examples`` worked examples (0 to 3)."""
+    if not 0 <= examples <= len(EXAMPLES):
+        raise ValueError(f"examples must be between 0 and {len(EXAMPLES)}, got {examples}")
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         kind = ("add", "mul", "capital", "opposite", "letters")[i % 5]
         if kind == "add":
             a, b = rng.randint(1, 50), rng.randint(1, 50)
-            rows.append(_row(f"What is {a} plus {b}?", [str(a + b)], kind))
+            rows.append(_row(f"What is {a} plus {b}?", [str(a + b)], kind, examples))
         elif kind == "mul":
             a, b = rng.randint(2, 12), rng.randint(2, 12)
-            rows.append(_row(f"What is {a} times {b}?", [str(a * b)], kind))
+            rows.append(_row(f"What is {a} times {b}?", [str(a * b)], kind, examples))
         elif kind == "capital":
             country = rng.choice(sorted(_CAPITALS))
-            rows.append(_row(f"What is the capital of {country}?", [_CAPITALS[country]], kind))
+            rows.append(_row(f"What is the capital of {country}?", [_CAPITALS[country]], kind, examples))
         elif kind == "opposite":
             word = rng.choice(sorted(_OPPOSITES))
-            rows.append(_row(f"What is the opposite of '{word}'?", [_OPPOSITES[word]], kind))
+            rows.append(_row(f"What is the opposite of '{word}'?", [_OPPOSITES[word]], kind, examples))
         else:
             word = rng.choice(sorted(_CAPITALS.values()))
-            rows.append(_row(f"How many letters are in the word '{word}'?", [str(len(word))], kind))
+            rows.append(_row(f"How many letters are in the word '{word}'?", [str(len(word))], kind, examples))
     return Dataset.from_list(rows)
 
 

@@ -42,10 +42,21 @@ def embedding_server(tmp_path_factory) -> Iterator[LocalServer]:
 
 @pytest.fixture(scope="session")
 def judge_server(tmp_path_factory) -> Iterator[LocalServer]:
-    """``service=llm_judge`` with the tiny random Qwen2, protected by ``JUDGE_KEY``."""
+    """``service=llm_judge`` with the tiny random Qwen2 (fast API tests), protected by ``JUDGE_KEY``."""
     server = LocalServer(
-        tmp_path_factory.mktemp("judge"), "service=llm_judge", env={"LLM_JUDGE_SERVER_API_KEY": JUDGE_KEY}
+        tmp_path_factory.mktemp("judge"),
+        "service=llm_judge",
+        "model=tiny_lm",
+        env={"LLM_JUDGE_SERVER_API_KEY": JUDGE_KEY},
     ).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(tmp_path_factory) -> Iterator[LocalServer]:
+    """``service=llm_judge`` as users start it: the real SmolLM2-135M-Instruct, no API key."""
+    server = LocalServer(tmp_path_factory.mktemp("smollm2"), "service=llm_judge").start(timeout=300)
     yield server
     server.stop()
 

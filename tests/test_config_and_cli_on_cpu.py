@@ -59,12 +59,13 @@ def test_remote_reward_mix_instantiates_with_env_urls(monkeypatch):
 
 
 def test_local_reward_mix_and_service_engines_instantiate():
-    cfg = composed()
+    cfg = composed("reward=default")
     mix = instantiate(cfg.reward)
     assert type(mix.components["llm_judge"][0].generator).__name__ == "GenerationEngine"
     assert type(mix.components["embedding"][0].embedder).__name__ == "EmbeddingEngine"
     engine = instantiate(composed("service=llm_judge").engine)
-    assert engine.name == "tiny-qwen2" and engine.device.type == "cpu"
+    assert engine.name == "HuggingFaceTB/SmolLM2-135M-Instruct" and engine.device.type == "cpu"
+    assert not engine.random_weights
 
 
 def test_help_lists_the_groups():
@@ -189,3 +190,50 @@ def test_ig_remote_is_a_client_with_the_seed_env(monkeypatch):
     client = instantiate(composed("ig=remote", "reward=qa_em_ig").reward).components["qa_em_ig"][0].scorer
     assert type(client).__name__ == "IGClient" and client.http.base_url == "http://127.0.0.1:9"
     assert client.batch_size == 64 and client.http.timeout == 120.0
+
+
+def test_each_rank_takes_its_own_gpu_and_flash_attention_falls_back(caplog):
+    import torch
+
+    from core.models import attention_implementation, device_name, load_kwargs
+
+    assert device_name(0, "3") == "cpu"
+    assert [device_name(4, rank) for rank in (None, "0", "1", "3")] == ["cuda:0", "cuda:0", "cuda:1", "cuda:3"]
+    vlm = OmegaConf.to_container(OmegaConf.load(CONF / "vlm/qwen2-vl-7b.yaml"))
+    assert vlm["attn_implementation"] == "flash_attention_2"
+    with caplog.at_level("WARNING"):
+        assert load_kwargs(vlm, torch.device("cpu")) == {"dtype": torch.float32, "attn_implementation": "sdpa"}
+    assert "using sdpa" in caplog.text
+    assert attention_implementation("eager", torch.device("cpu")) == "eager"
+    assert attention_implementation(None, torch.device("cpu")) is None
+
+
+@pytest.mark.slow
+def test_packaged_smollm2_is_converted_once_by_concurrent_processes(tmp_path):
+    import subprocess
+    import sys
+
+    from core.models import SMOLLM2_ID, resolve_path
+
+    assert resolve_path(SMOLLM2_ID, source="hub") == SMOLLM2_ID  # GPU users keep the hub id
+    with pytest.raises(ValueError, match="auto, package or hub"):
+        resolve_path(SMOLLM2_ID, source="somewhere")
+    code = f"from core.models import resolve_path; print(resolve_path({SMOLLM2_ID!r}, 'package', {str(tmp_path)!r}))"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    folder = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    assert all(o.strip().endswith(str(folder)) for o in outputs), outputs
+    assert sum(o.count("converting SmolLM2") for o in outputs) == 1  # the second process waited for the first
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
+        "SmolLM2-135M-Instruct",
+        "SmolLM2-135M-Instruct.lock",
+    ]
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(folder).architectures == ["LlamaForCausalLM"]

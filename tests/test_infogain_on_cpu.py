@@ -51,7 +51,7 @@ class ScriptedGenerator:
         self.with_context, self.without, self.logliks = with_context, without, logliks
         self.calls = 0
 
-    def complete(self, prompts, params):
+    def complete(self, prompts, params, stop=None):
         self.calls += 1
         out = []
         for prompt in prompts:

@@ -20,7 +20,7 @@ from core.rewards import RewardSample
 from infogain.client import IGClient
 from infogain.reward import QAExactMatchIG
 
-SMALL = ["ig.num_generations=3", "ig.max_new_tokens=4", "seed=7"]
+SMALL = ["ig.num_generations=3", "ig.max_new_tokens=4", "seed=7", "model=tiny_lm", "model@ig.generator=tiny_lm"]
 ITEMS = [
     {"question": "What is the capital of France?", "context": "Paris is the capital of France.", "answers": ["Paris"]},
     {"question": "Who wrote Hamlet?", "context": "Hamlet is a play by Shakespeare.", "answers": ["Shakespeare"]},

@@ -108,10 +108,17 @@ def test_api_key_is_enforced(judge_server):
         ("/v1/chat/completions", dict(json={"messages": [{"role": "user", "content": "x"}], "n": 0}), 422, "n"),
         (
             "/v1/chat/completions",
-            dict(json={"messages": [{"role": "user", "content": "x"}], "stream": True}),
+            dict(json={"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}),
             400,
-            "stream",
+            "not supported by this server: response_format",
         ),
+        (
+            "/v1/chat/completions",
+            dict(json={"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}),
+            400,
+            "top_logprobs needs logprobs=true",
+        ),
+        ("/v1/completions", dict(json={"prompt": "x", "logprobs": 21}), 422, "logprobs"),
         (
             "/v1/chat/completions",
             dict(json={"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}),

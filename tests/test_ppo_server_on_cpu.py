@@ -19,6 +19,8 @@ from ppo_server.policy import PolicyEngine, PolicyService
 from ppo_server.value import ValueEngine, ValueService
 from tests.conftest import ThreadServer
 
+# Lengths below count the prompt too (as max_output_length does): the chat template adds about 25
+# tokens of the tiny tokenizer.
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 QUEUE_SAMPLES = 2
 
@@ -48,8 +50,9 @@ def policy(tmp_path_factory, data_root):
     server = LocalServer(
         log_dir,
         "service=policy",
+        "model=tiny_lm",
         f"ppo.service.queue.num_samples={QUEUE_SAMPLES}",
-        "ppo.service.queue.max_output_length=40",
+        "ppo.service.queue.max_output_length=72",
         f"ppo.service.scratch={log_dir / 'scratch'}",
         f"ppo.service.dataset_roots=[{data_root}]",
     ).start()
@@ -60,7 +63,9 @@ def policy(tmp_path_factory, data_root):
 @pytest.fixture(scope="module")
 def value(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("value")
-    server = LocalServer(log_dir, "service=value", f"ppo.service.scratch={log_dir / 'scratch'}").start()
+    server = LocalServer(
+        log_dir, "service=value", "model=tiny_lm", f"ppo.service.scratch={log_dir / 'scratch'}"
+    ).start()
     yield server
     server.stop()
 
@@ -94,7 +99,7 @@ def test_task_lifecycle_pending_done_then_gone(policy):
 @pytest.mark.parametrize("strategy", ["temperature", "beam_search", "diverse_beam_search"])
 def test_every_decoding_strategy_returns_the_requested_samples(policy, strategy):
     client = PolicyClient(policy.url)
-    direct = client.direct_forward("Once upon a time", num_samples=3, decoding_strategy=strategy, max_output_length=24)
+    direct = client.direct_forward("Once upon a time", num_samples=3, decoding_strategy=strategy, max_output_length=56)
     assert len(direct["result"]) == 3 and len(direct["stop_strings"]) == 3
     queued = client.forward("Once upon a time", decoding_strategy=strategy)
     assert len(queued["result"]) == QUEUE_SAMPLES
@@ -104,7 +109,7 @@ def test_every_decoding_strategy_returns_the_requested_samples(policy, strategy)
 
 def test_stop_strings_cut_and_are_reported(policy):
     client = PolicyClient(policy.url)
-    ask = {"decoding_strategy": "beam_search", "max_output_length": 40, "stop_strings": []}
+    ask = {"decoding_strategy": "beam_search", "max_output_length": 72, "stop_strings": []}
     full = client.direct_forward("The answer is", **ask)["result"][0]
     stop = full.split()[4]
     cut = client.direct_forward("The answer is", **{**ask, "stop_strings": ["<|eot_id|>", stop]})
@@ -160,7 +165,7 @@ def test_training_runs_in_background_then_stop_saves_an_adapter_that_changes_out
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and sum(1 for _ in open_or_empty(log_file)) < 2:
         time.sleep(0.1)
-    during = client.direct_forward("Still answering?", max_output_length=16)
+    during = client.direct_forward("Still answering?", max_output_length=48)
     assert client.status()["training"] is True and len(during["result"]) == 1
     stopped = client.stop_training()
     assert stopped["message"] == "Training stopped and model saved"
@@ -215,7 +220,7 @@ def test_value_training_lowers_mse(value):
 
 def test_switches_off_answer_403_and_in_process_service_matches_the_client(tiny_model_cfg, tmp_path):
     engine = PolicyEngine(tiny_model_cfg, LORA, max_batch_size=8)
-    queue = {"num_samples": 2, "max_output_length": 24}
+    queue = {"num_samples": 2, "max_output_length": 56}
     closed = PolicyService(engine, queue=queue, allow_training=False, allow_inference=False, output_dir=str(tmp_path))
     with ThreadServer(policy_app(closed, ServerSettings())) as server:
         for route, body in [
@@ -228,7 +233,7 @@ def test_switches_off_answer_403_and_in_process_service_matches_the_client(tiny_
     embedded = PolicyService(engine, queue=queue, output_dir=str(tmp_path))
     with ThreadServer(policy_app(embedded, ServerSettings())) as server:
         remote = PolicyClient(server.url)
-        beams = {"decoding_strategy": "beam_search", "num_samples": 2, "max_output_length": 24}
+        beams = {"decoding_strategy": "beam_search", "num_samples": 2, "max_output_length": 56}
         assert remote.direct_forward("Same?", **beams) == embedded.direct_forward("Same?", **beams)
         assert set(remote.forward("Same?")) == set(embedded.forward("Same?"))
 
@@ -237,10 +242,10 @@ def test_safe_logits_sample_from_a_diverging_model(tiny_model_cfg):
     engine = PolicyEngine(tiny_model_cfg, LORA)
     with torch.no_grad():
         engine.model.get_output_embeddings().weight[:5].fill_(float("nan"))
-    spec = DecodeSpec(num_samples=2, max_output_length=12, safe_logits=True)
+    spec = DecodeSpec(num_samples=2, max_output_length=44, safe_logits=True)
     assert len(engine.generate(["Hello"], spec)[0]) == 2
     with pytest.raises(RuntimeError):
-        engine.generate(["Hello"], DecodeSpec(num_samples=2, max_output_length=12))
+        engine.generate(["Hello"], DecodeSpec(num_samples=2, max_output_length=44))
 
 
 def test_value_service_embedded_equals_served(tiny_model_cfg, tmp_path):

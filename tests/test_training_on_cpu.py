@@ -1,4 +1,5 @@
-"""GRPO training through run.py with tiny models: learning, artefacts, resume, served rewards, sweeps."""
+"""GRPO training through run.py: the quickstart learning on SmolLM2, and tiny models (experiment=smoke)
+for artefacts, resume, served rewards and sweeps."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import pytest
 from conftest import JUDGE_KEY, ROOT, run_cli
 from core.local_server import LocalServer
 
-FAST = ["logger=none", "trainer.max_steps=3", "trainer.save_strategy=no"]
+SMOKE = "experiment=smoke"
+FAST = [SMOKE, "logger=none", "trainer.max_steps=3", "trainer.save_strategy=no"]
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -42,41 +44,49 @@ def test_tiny_policy_learns_a_learnable_reward(tmp_path):
 
 
 @pytest.mark.slow
-def test_quickstart_leaves_every_artefact_in_time(tmp_path):
+def test_quickstart_learns_on_smollm2_and_leaves_every_artefact_in_time(tmp_path):
     started = time.monotonic()
-    result = run_cli(f"hydra.run.dir={tmp_path}", timeout=400)
+    result = run_cli(f"hydra.run.dir={tmp_path}", timeout=600)
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stdout[-3000:]
-    assert elapsed < 180, elapsed
+    assert elapsed < 300, elapsed
     rows = metrics(tmp_path)
-    assert [r["step"] for r in rows] == list(range(1, 31))
-    for key in (
-        "reward/total",
-        "reward/exact_match",
-        "reward/embedding",
-        "reward/llm_judge",
-        "loss",
-        "kl",
-        "lr",
-        "samples_per_s",
-        "failures/llm_judge/parse_failures",
-    ):
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    rewards = [r["reward/total"] for r in rows]
+    start, end = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert end >= start + 0.2, (start, end)
+    for key in ("reward/total", "reward/format", "reward/exact_match", "loss", "lr", "samples_per_s"):
         assert rows[-1][key] is not None, key
-    total = rows[-1]["reward/exact_match"] + rows[-1]["reward/embedding"] + rows[-1]["reward/llm_judge"]
-    assert rows[-1]["reward/total"] == pytest.approx(total, abs=1e-5)
+    assert rows[-1]["reward/total"] == pytest.approx(rows[-1]["reward/format"] + rows[-1]["reward/exact_match"])
+    # A real model writes English: mostly letters, digits, spaces and the answer tags.
+    texts = [s["completion"] for s in samples(tmp_path)]
+    plain = sum(ch.isascii() for t in texts for ch in t) / max(1, sum(len(t) for t in texts))
+    assert plain > 0.9 and any("<answer>" in t for t in texts[-8:]), texts[-8:]
     assert (tmp_path / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 8
-    assert "trainer:" in (tmp_path / "config_resolved.yaml").read_text()
-    assert {s["step"] for s in samples(tmp_path)} == set(range(1, 31))
-    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-30"]
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in (tmp_path / "config_resolved.yaml").read_text()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-24"]
     assert list((tmp_path / "wandb").glob("offline-run-*"))
-    assert json.loads((tmp_path / "final.json").read_text())["steps"] == 30
+    assert json.loads((tmp_path / "final.json").read_text())["steps"] == 24
+
+
+def test_smoke_run_logs_every_reward_component(tmp_path):
+    result = run_cli(
+        SMOKE, "logger=none", "trainer.max_steps=2", "trainer.save_strategy=no", f"hydra.run.dir={tmp_path}"
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    row = metrics(tmp_path)[-1]
+    for key in ("reward/exact_match", "reward/embedding", "reward/llm_judge", "failures/llm_judge/parse_failures"):
+        assert row[key] is not None, key
+    total = row["reward/exact_match"] + row["reward/embedding"] + row["reward/llm_judge"]
+    assert row["reward/total"] == pytest.approx(total, abs=1e-5)
+    assert "RANDOM weights" in result.stdout  # the tiny judge says so
 
 
 def test_resume_continues_from_the_latest_checkpoint(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
-    common = ["logger=none", "reward=exact_match", "trainer.save_steps=2", "trainer.save_total_limit=1"]
+    common = [SMOKE, "logger=none", "reward=exact_match", "trainer.save_steps=2", "trainer.save_total_limit=1"]
     assert run_cli(*common, "trainer.max_steps=4", f"hydra.run.dir={first}").returncode == 0
     assert [p.name for p in (first / "checkpoints").glob("checkpoint-*")] == ["checkpoint-4"]  # older ones removed
     result = run_cli(*common, "trainer.max_steps=6", f"resume={first}", f"hydra.run.dir={second}")
@@ -86,6 +96,7 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path):
 
 def test_cleanup_keeps_only_the_final_adapter(tmp_path):
     result = run_cli(
+        SMOKE,
         "logger=none",
         "reward=exact_match",
         "trainer.max_steps=2",
@@ -102,12 +113,16 @@ def test_cleanup_keeps_only_the_final_adapter(tmp_path):
 def test_served_rewards_equal_embedded_rewards(tmp_path):
     # Greedy judging keeps the judge from drawing on the trainer's random stream, so both runs
     # sample the same completions and must score them the same.
-    same = [*FAST, "reward.components.llm_judge.fn.temperature=0", "judge.max_new_tokens=8"]
+    fn = "reward.components.llm_judge.fn"
+    same = [*FAST, f"{fn}.mode=text", f"{fn}.prompt_template=default", f"{fn}.temperature=0"]
+    same.append("judge.max_new_tokens=8")
     local = tmp_path / "local"
     assert run_cli(*same, f"hydra.run.dir={local}").returncode == 0
     with (
         LocalServer(tmp_path, "service=embedding") as emb,
-        LocalServer(tmp_path, "service=llm_judge", env={"LLM_JUDGE_SERVER_API_KEY": JUDGE_KEY}) as judge,
+        LocalServer(
+            tmp_path, "service=llm_judge", "model=tiny_lm", env={"LLM_JUDGE_SERVER_API_KEY": JUDGE_KEY}
+        ) as judge,
     ):
         remote = tmp_path / "remote"
         result = run_cli(
@@ -137,6 +152,7 @@ def test_reward_server_dying_mid_run_does_not_stop_training(tmp_path):
         [
             sys.executable,
             str(ROOT / "run.py"),
+            SMOKE,
             "logger=none",
             "reward=embedding",
             "embedder=remote",
@@ -178,6 +194,7 @@ def test_multirun_of_four_jobs_writes_their_dirs_and_a_summary(tmp_path):
         "-m",
         "seed=1,2",
         "lora.r=4,8",
+        SMOKE,
         "reward=exact_match",
         "logger=none",
         "trainer.max_steps=2",
@@ -251,6 +268,7 @@ def test_user_jsonl_and_parquet_load_into_the_standard_columns(tmp_path):
     with pytest.raises(KeyError, match="lacks 'prompt'"):
         from_files(str(tmp_path / "train.jsonl"))
     result = run_cli(
+        SMOKE,
         "logger=none",
         "reward=exact_match",
         "trainer.max_steps=2",
