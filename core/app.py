@@ -246,7 +246,7 @@ def create_app(
     ``health()`` adds fields to ``GET /health``; ``on_shutdown`` callables run once when the
     server stops (after in-flight requests finished, within uvicorn's graceful timeout).
     ``validation_status`` is the status of a body with wrong fields or types (422, FastAPI's
-    and TEI's; 400 where a contract says so, as seed 002 does).
+    and TEI's; 400 where a contract says so, as the reference policy server does).
     """
     hooks = list(on_shutdown or [])
 

@@ -1,4 +1,4 @@
-"""torch.distributed helpers that also work in a single process (seed 001's ``dist_helpers``).
+"""torch.distributed helpers that also work in a single process (the Lewis reference scripts' ``dist_helpers``).
 
 Without an initialised process group (one CPU process, tests, a failed NCCL setup) they fall back
 to the single-process answer instead of raising.

@@ -273,7 +273,7 @@ def train(cfg, build) -> dict:
 def _finish(cfg, run_dir: Path, rows: list[dict], mix: RewardMix) -> dict:
     if rows:
         plot_rewards(rows, run_dir / "reward_curve.png")
-    if cfg.checkpoints.cleanup_at_end:  # seed 001 keeps only the final adapter
+    if cfg.checkpoints.cleanup_at_end:  # as the Lewis reference scripts, keep only the final adapter
         for checkpoint in (run_dir / "checkpoints").glob("checkpoint-*"):
             shutil.rmtree(checkpoint)
     tail = rows[-3:]

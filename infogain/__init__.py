@@ -1,1 +1,1 @@
-"""Information-gain reward (seed 000): how much a context raises a generator's semantic certainty."""
+"""Information-gain reward: how much a context raises a generator's semantic certainty."""

@@ -1,4 +1,4 @@
-"""``service=infogain``: the information-gain service of seed 000.
+"""``service=infogain``: the information-gain reward service.
 
 * ``POST /compute_info_gain`` ``{items: [{question, context, answers}]}`` →
   ``{scores, errors, details}``: ``scores[i]`` is ΔIG (``null`` when ``errors[i]`` says why);
@@ -54,7 +54,7 @@ def infogain_app(engine, settings: ServerSettings, max_batch_size: int = 64, max
 
 def run(cfg) -> None:
     """Entry point of ``python run.py service=infogain``."""
-    if cfg.ig.model_path:  # IG_MODEL_PATH, as seed 000 reads it
+    if cfg.ig.model_path:  # IG_MODEL_PATH, as the InfoGain reference service reads it
         cfg.model.name_or_path = cfg.ig.model_path
     workers = int(cfg.ig.workers) or max(1, int(cfg.gpus))
     if workers > 1:

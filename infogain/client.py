@@ -1,6 +1,6 @@
 """``IGClient``: the InfoGain service over HTTP, with the engine's ``compute`` signature.
 
-Defaults come from seed 000's variables: ``IG_SERVICE_URL``, ``IG_BATCH_SIZE`` (512 items per
+Defaults come from the InfoGain reference service's variables: ``IG_SERVICE_URL``, ``IG_BATCH_SIZE`` (512 items per
 request) and ``IG_TIMEOUT`` (120 s). When the service cannot answer, ``fallback`` decides:
 ``local`` computes in this process with an engine built from ``local`` (a config node, built
 on first need), ``zero`` scores 0.0 with the reason in ``error``, ``raise`` raises ``ServiceError``.

@@ -64,7 +64,7 @@ class InfoGainEngine:
         metric: ``score`` (ΔIG of the estimator) or ``entropy`` (reduction of semantic entropy).
         seed: re-seeds sampling at every generate call, so the same items give the same samples
             in any process (served and in-process scores agree).
-        Other args: seed 000's ``IG_*`` settings.
+        Other args: the InfoGain reference service's ``IG_*`` settings.
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""Seed 000's EM + IG reward for search-augmented answers.
+"""The InfoGain reference service's EM + IG reward for search-augmented answers.
 
 ``score = EM(last <answer> block, gold answers) + ig_weight · ΔIG(question, retrieved context, gold)``
 

@@ -1,4 +1,4 @@
-"""Seed 000's EM + IG reward for verl's ``custom_reward_function``:
+"""The InfoGain reference service's EM + IG reward for verl's ``custom_reward_function``:
 
     custom_reward_function:
       path: infogain/verl_rewards.py

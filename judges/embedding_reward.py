@@ -1,4 +1,4 @@
-"""Embedding-similarity reward (seed 004): how close a completion is to its reference in meaning.
+"""Embedding-similarity reward: how close a completion is to its reference in meaning.
 
 score = cos01(e(solution), e(best reference)) · length_factor(best reference, solution)
 
@@ -41,7 +41,7 @@ PENALTIES = ("none", "ratio", "sqrt", "log", "quadratic", "exponential")
 
 
 def length_factor(reference: str, candidate: str, kind: str = "none", threshold: float = 1.5) -> float:
-    """The length penalty factor in [0, 1] (1 = no penalty); word counts, as seed 004 defines it.
+    """The length penalty factor in [0, 1] (1 = no penalty); word counts, as the reference embedding reward defines it.
 
     >>> length_factor("a b c d", "a b", "ratio", 1.5)
     0.5

@@ -126,7 +126,7 @@ class JudgeItem(BaseModel):
 
 
 class JudgeRequest(BaseModel):
-    """``/judge`` body (seed 003's judge options)."""
+    """``/judge`` body (the reference LLM judge's options)."""
 
     items: list[JudgeItem]
     # text (parse REWARD: x) | logprobs (p(yes) of a yes/no answer)

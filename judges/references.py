@@ -13,7 +13,7 @@ def tokens(text: str) -> list[str]:
 
 
 def filter_references(refs: list[str], extra_info: dict | None) -> list[str]:
-    """The references to score against, as seeds 003/004 define them.
+    """The references to score against, as the reference judge and embedding rewards define them.
 
     * ``target_gt`` (a string or list): keep the references equal to it.
     * ``filter_gt_by_prompt_token`` with ``prompt``: keep the references that contain the

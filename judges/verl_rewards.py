@@ -1,4 +1,4 @@
-"""Drop-in reward functions for verl's ``custom_reward_function`` (seeds 003 and 004).
+"""Drop-in reward functions for verl's ``custom_reward_function``.
 
     custom_reward_function:
       path: judges/verl_rewards.py
@@ -6,9 +6,9 @@
 
 Each function takes verl's single form ``(data_source, solution_str, ground_truth, extra_info)``
 and its batched keyword form (``data_sources=..., solution_strs=..., ...``, as the batch reward
-manager calls it). The servers come from the seeds' environment variables, read at first use:
+manager calls it). The servers come from the reference rewards' environment variables, read at first use:
 ``EMBEDDING_SERVER_URL`` / ``_API_KEY`` / ``_TIMEOUT`` (default 30 s) and ``LLM_JUDGE_SERVER_URL``
-/ ``_API_KEY`` / ``_TIMEOUT`` (default 60 s); ``extra_info`` overrides per sample as the seeds say.
+/ ``_API_KEY`` / ``_TIMEOUT`` (default 60 s); ``extra_info`` overrides per sample as the reference rewards do.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ class ListenerEngine(_VLMPlayer):
         return out
 
     def batch_score(self, batch: Sequence[Mapping]) -> dict:
-        """``{results: [{yes_probabilities, predicted_index, topk_indices}], took}`` for seed 001's batch items."""
+        """``{results: [{yes_probabilities, predicted_index, topk_indices}], took}`` for the reference batch items."""
         started = time.perf_counter()
         items = [_score_item(i, item) for i, item in enumerate(batch)]
         images, questions = [], []

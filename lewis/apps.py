@@ -1,4 +1,4 @@
-"""``service=listener`` and ``service=speaker``: seed 001's two players as HTTP services.
+"""``service=listener`` and ``service=speaker``: the Lewis reference scripts' two players as HTTP services.
 
 Listener: ``POST /score`` ``{candidate_paths, question, topk}`` → ``{yes_probabilities,
 predicted_index, topk_indices}``; ``POST /batch_score`` ``{batch: [...]}`` → ``{results, took}``.

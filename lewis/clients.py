@@ -1,9 +1,9 @@
 """HTTP clients of the listener and speaker services, with the engines' methods.
 
-``ListenerClient`` follows seed 001's training-side settings: ``LISTENER_URL`` (the seed points it
-at ``.../batch_score``; either form works), ``LISTENER_TIMEOUT``, ``LISTENER_CHUNK_SIZE`` items per
-request, ``LISTENER_CHUNK_DELAY`` seconds between requests, ``LISTENER_MAX_RETRIES`` and
-``LISTENER_BACKOFF_FACTOR`` (first pause of the exponential backoff). A chunk that still fails
+``ListenerClient`` follows the Lewis reference scripts' training-side settings: ``LISTENER_URL``
+(the reference scripts point it at ``.../batch_score``; either form works), ``LISTENER_TIMEOUT``,
+``LISTENER_CHUNK_SIZE`` items per request, ``LISTENER_CHUNK_DELAY`` seconds between requests, ``LISTENER_MAX_RETRIES``
+and ``LISTENER_BACKOFF_FACTOR`` (first pause of the exponential backoff). A chunk that still fails
 does not raise: its items come back as ``{"error": reason}`` so a reward can score them 0.0.
 """
 

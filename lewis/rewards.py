@@ -1,4 +1,4 @@
-"""Seed 001's rewards for the Lewis game (speaker side) and their mirror for the listener.
+"""The Lewis reference scripts' rewards for the Lewis game (speaker side) and their mirror for the listener.
 
 Speaker: ``ListenerAccuracy`` (1.0 when the listener picks the target from the description),
 ``TagFormat`` (1.0 when ``<thinking>``, ``<coarse>`` and ``<detailed>`` are all present and closed),
@@ -77,9 +77,9 @@ class ListenerAccuracy:
 
     The listener is a ``ListenerEngine`` (embedded) or a ``ListenerClient`` (remote; chunked,
     retried). Results are cached by (description, candidates): the same question is never asked
-    twice, and with several ranks each rank's new results are shared with all (seed 001's
+    twice, and with several ranks each rank's new results are shared with all (the Lewis reference scripts'
     distributed cache). A listener failure scores 0.0, is counted and logged; training goes on.
-    Every call appends its predictions to ``log_path`` (JSON lines; seed 001's ``LOG_PATH``; default:
+    Every call appends its predictions to ``log_path`` (JSON lines; the Lewis reference scripts' ``LOG_PATH``; default:
     ``lewis_predictions.jsonl`` in the Hydra run dir).
     """
 

@@ -1,4 +1,4 @@
-"""``train=speaker`` and ``train=listener``: GRPO + LoRA on one player, the other frozen (seed 001).
+"""``train=speaker`` and ``train=listener``: GRPO + LoRA on one player, the other frozen.
 
 Speaker: each game's target image is the prompt; completions are tagged descriptions; the
 reward mix (``reward=lewis_speaker``) asks the listener (``listener=local|remote``) to find the

@@ -1,4 +1,4 @@
-"""``service=policy`` and ``service=value``: seed 002's servers on the shared serving kit.
+"""``service=policy`` and ``service=value``: the reference policy server's servers on the shared serving kit.
 
 Policy (``PolicyService``):
 
@@ -13,7 +13,7 @@ Policy (``PolicyService``):
 Value (``ValueService``): ``GET /``, ``POST /forward`` ``{messages}`` → ``{result: [float]}``.
 Both: ``POST /train_from_dataset`` → 201 ``{message}``, ``POST /stop_training`` → 200 ``{message}``.
 
-Errors are ``{"error": ...}`` with seed 002's codes: 400 for a bad body (invalid JSON, wrong
+Errors are ``{"error": ...}`` with the reference policy server's codes: 400 for a bad body (invalid JSON, wrong
 types, missing fields), 403 (switched off, training already running, path outside the roots),
 404 (unknown task), 501 (unknown decoding strategy).
 """
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 
 class _Body(BaseModel):
-    # Seed 002's clients send JSON types as documented: "3" is not an int here.
+    # The reference policy server's clients send JSON types as documented: "3" is not an int here.
     model_config = ConfigDict(strict=True)
 
 
@@ -57,7 +57,7 @@ class ForwardRequest(_Body):
 
 
 class DirectForwardRequest(_Body):
-    """``POST /direct_forward``, with seed 002's defaults (``max_output_length``: max_input_length + 256)."""
+    """``POST /direct_forward``, with the reference defaults (``max_output_length``: max_input_length + 256)."""
 
     input_string: str | None = None
     safe_logits: bool = False

@@ -23,7 +23,7 @@ class _TrainingClient:
         return self.http.get("/")
 
     def train_from_dataset(self, **fields) -> dict:
-        """``POST /train_from_dataset`` with seed 002's fields (``dataset``, ``dataset_path``, ``lr``, ...)."""
+        """``POST /train_from_dataset`` with the reference fields (``dataset``, ``dataset_path``, ``lr``, ...)."""
         return self.http.post("/train_from_dataset", fields)
 
     def stop_training(self) -> dict:

@@ -150,7 +150,7 @@ class PolicyService(TrainingService):
         return self.forward_batch([question], self.task_spec(decoding_strategy, full_simulation))[0]
 
     def direct_spec(self, **fields) -> DecodeSpec:
-        """``/direct_forward``'s fields with seed 002's defaults, checked (400/501 with the reason)."""
+        """``/direct_forward``'s fields with the reference defaults, checked (400/501 with the reason)."""
         fields = {k: v for k, v in fields.items() if v is not None}
         check_strategy(fields.get("decoding_strategy", "temperature"))
         max_input = int(fields.get("max_input_length", DecodeSpec.max_input_length))
@@ -171,7 +171,7 @@ class PolicyService(TrainingService):
         return spec
 
     def direct_forward(self, input_string: str, **fields) -> dict:
-        """Decode ``input_string`` now with ``fields`` (seed 002's ``/direct_forward``)."""
+        """Decode ``input_string`` now with ``fields`` (the reference policy server's ``/direct_forward``)."""
         if not isinstance(input_string, str) or not input_string:
             raise APIError(400, "'input_string' is required")
         spec = self.direct_spec(**fields)
@@ -181,6 +181,6 @@ class PolicyService(TrainingService):
 
 
 def check_strategy(name: str) -> None:
-    """501 for a decoding strategy this server does not implement (seed 002's status)."""
+    """501 for a decoding strategy this server does not implement (the reference policy server's status)."""
     if name not in STRATEGIES:
         raise APIError(501, f"decoding_strategy {name!r} is not implemented; use one of {', '.join(STRATEGIES)}")

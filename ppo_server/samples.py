@@ -1,6 +1,6 @@
 """Training samples for the policy and value servers: where they may come from and what they mean.
 
-A sample is seed 002's ``(question, context, current_node, value)``: the prompt is the question
+A sample is the reference policy server's ``(question, context, current_node, value)``: the prompt is the question
 (as a user turn) followed by the reasoning so far (``context``), the response is the step
 ``current_node``, and ``value`` its value (the value server's target; the policy's advantage
 unless a ``GAE`` field gives one). The reference's chat form is accepted as well:
@@ -152,7 +152,7 @@ def collect_samples(
 
 
 def write_samples(rows: list, scratch: str | Path) -> Path:
-    """Write the inline samples to ``<scratch>/datasets/samples-<time>.jsonl`` (seed 002's ``save_samples``)."""
+    """Write the inline samples to ``<scratch>/datasets/samples-<time>.jsonl`` (the reference ``save_samples``)."""
     folder = Path(scratch) / "datasets"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"samples-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}.jsonl"

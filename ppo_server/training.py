@@ -7,7 +7,7 @@ loss is (PPO for the policy, MSE for the value). One lock serialises training st
 inference calls, so inference waits at most one step while a training runs.
 
 ``TrainingService`` is the part of the in-process API both servers expose the same way:
-``status``, ``train_from_dataset`` and ``stop_training`` with seed 002's fields and messages.
+``status``, ``train_from_dataset`` and ``stop_training`` with the reference policy server's fields and messages.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class AdapterEngine:
         from peft import PeftModel, get_peft_model
 
         adapter = lora.get("adapter_path")
-        if adapter:  # continue from a saved adapter (seed 002's LoRA model path)
+        if adapter:  # continue from a saved adapter (the reference policy server's LoRA model path)
             return PeftModel.from_pretrained(base, adapter, is_trainable=True).eval()
         return get_peft_model(base, lora_config(lora, task_type=self.task_type)).eval()
 
@@ -193,7 +193,7 @@ class AdapterEngine:
 
 
 class TrainingService:
-    """``status``, ``train_from_dataset`` and ``stop_training`` over an ``AdapterEngine`` (seed 002).
+    """``status``, ``train_from_dataset`` and ``stop_training`` over an ``AdapterEngine``.
 
     Args:
         engine: the model to train.
@@ -230,7 +230,7 @@ class TrainingService:
         return self._thread is not None and self._thread.is_alive()
 
     def status(self) -> dict:
-        """Seed 002's ``GET /`` body, plus whether a training runs and how the last one ended."""
+        """The reference policy server's ``GET /`` body, plus whether a training runs and how the last one ended."""
         flag = self.stop_flag.is_set()
         return {
             "status": f"Server is running, ALLOW_TRAINING: {self.allow_training}, STOP_TRAINING_FLAG: {flag}",
@@ -256,7 +256,7 @@ class TrainingService:
         save_samples: bool = False,
         lr: float = 1e-5,
     ) -> dict:
-        """Check the request, then train in a background thread; returns seed 002's message."""
+        """Check the request, then train in a background thread; returns the reference policy server's message."""
         if not self.allow_training:
             raise APIError(403, "training is disabled on this server (allow_training=false)")
         if self.training:

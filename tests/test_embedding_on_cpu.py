@@ -1,4 +1,4 @@
-"""Embedding reward (seed 004) and the TEI-compatible server, with the real MiniLM on loopback."""
+"""Embedding reward and the TEI-compatible server, with the real MiniLM on loopback."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""InfoGain (seed 000): the measure against hand-computed values, and the engine end to end."""
+"""InfoGain: the measure against hand-computed values, and the engine end to end."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The InfoGain service (seed 000) on loopback: contract, errors, client, reward, Ray workers."""
+"""The InfoGain service on loopback: contract, errors, client, reward, Ray workers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Lewis game (seed 001): data, listener and speaker services, rewards, and GRPO on either player."""
+"""The Lewis game: data, listener and speaker services, rewards, and GRPO on either player."""
 
 from __future__ import annotations
 
@@ -196,7 +196,7 @@ def test_speaker_training_with_remote_listener_matches_local(listener, shapes_ro
     for run_dir in (remote_dir, local_dir):
         assert (run_dir / "adapter" / "adapter_config.json").exists()
         assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
-        assert not list((run_dir / "checkpoints").glob("checkpoint-*"))  # seed 001's cleanup
+        assert not list((run_dir / "checkpoints").glob("checkpoint-*"))  # The Lewis reference scripts' cleanup
     served, embedded = _predictions(remote_dir), _predictions(local_dir)
     assert len(served) == 8 and [r["completion"] for r in served] == [r["completion"] for r in embedded]
     assert [r["accuracy"] for r in served] == [r["accuracy"] for r in embedded]

@@ -1,4 +1,4 @@
-"""LLM judge (seed 003): our OpenAI-compatible server with a tiny model, and the judge reward."""
+"""LLM judge: our OpenAI-compatible server with a tiny model, and the judge reward."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Seed 002's policy and value servers, for real on loopback with tiny random models."""
+"""The reference policy server's policy and value servers, for real on loopback with tiny random models."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ QUEUE_SAMPLES = 2
 
 
 def samples(n: int = 8) -> list[dict]:
-    """Seed 002's (question, context, current_node, value) samples with opposite values."""
+    """The reference policy server's (question, context, current_node, value) samples with opposite values."""
     return [
         {"question": f"What is {i} plus {i}?", "context": "", "current_node": f"step {i}", "value": (-1.0) ** i}
         for i in range(n)
