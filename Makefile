@@ -15,7 +15,7 @@ test-fast:  ## the suite without tests marked slow
 	$(PY) -m pytest -m "not slow"
 
 bench:  ## every benchmark, each printing its ratios
-	$(PY) benchmarks/embedding.py && $(PY) benchmarks/judge.py && $(PY) benchmarks/infogain.py && $(PY) benchmarks/training.py && $(PY) benchmarks/ppo_server.py && $(PY) benchmarks/lewis.py
+	$(PY) benchmarks/real_models.py && $(PY) benchmarks/embedding.py && $(PY) benchmarks/judge.py && $(PY) benchmarks/infogain.py && $(PY) benchmarks/training.py && $(PY) benchmarks/ppo_server.py && $(PY) benchmarks/lewis.py
 
 lint:  ## ruff lint and format check
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
