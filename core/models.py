@@ -79,7 +79,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantise a GGUF causal LM into an fp32 safetensors folder, written atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.warning("converting %s once into %s (about 20 s; later runs load the folder)", gguf.name, target)
+    log.warning("converting %s once into %s (about 30 s; later runs load the folder)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; the same weights in a model built from its

@@ -19,6 +19,8 @@ from typing import Any, Protocol, runtime_checkable
 log = logging.getLogger(__name__)
 
 GROUND_TRUTH_KEYS = ("ground_truth", "solution", "answer", "answers")
+# Keys of a dict ground truth that hold the references (verl's Search-R1 data: {"target": array([...])}).
+NESTED_GROUND_TRUTH_KEYS = ("target", *GROUND_TRUTH_KEYS)
 # Keys of a reward function's ``stats`` that count failures (logged by trainers and evaluation).
 FAILURE_KEYS = ("requests_failed", "fallback_samples", "parse_failures", "ig_errors")
 
@@ -44,12 +46,29 @@ class RewardFunction(Protocol):
 
 
 def references(ground_truth: Any) -> list[str]:
-    """The acceptable reference strings of a ground truth (a string or a list of them)."""
+    """The acceptable reference strings of a ground truth: a string, a list or array of them, or
+    a dict holding them under ``target``, ``ground_truth``, ``solution``, ``answer`` or ``answers``
+    (the shapes verl datasets use).
+
+    >>> references("Paris")
+    ['Paris']
+    >>> references({"target": ["Paris", "City of Light"]})
+    ['Paris', 'City of Light']
+    >>> references([42, ["4", "four"]])
+    ['42', '4', 'four']
+    """
     if ground_truth is None:
         return []
     if isinstance(ground_truth, str):
         return [ground_truth]
-    return [str(g) for g in ground_truth]
+    if isinstance(ground_truth, Mapping):
+        key = next((k for k in NESTED_GROUND_TRUTH_KEYS if ground_truth.get(k) is not None), None)
+        return references(ground_truth[key]) if key else []
+    if hasattr(ground_truth, "tolist"):  # numpy arrays and scalars, as parquet-backed datasets give them
+        ground_truth = ground_truth.tolist()
+    if isinstance(ground_truth, list | tuple):
+        return [ref for item in ground_truth for ref in references(item)]
+    return [str(ground_truth)]
 
 
 @dataclass
@@ -142,17 +161,25 @@ def as_text(item: Any) -> str:
 
 def trl_reward_func(reward: RewardFunction, name: str | None = None) -> Callable[..., list[float]]:
     """TRL's ``reward_func(prompts, completions, **kwargs)``; the ground truth comes from the
-    first dataset column named ``ground_truth``, ``solution``, ``answer`` or ``answers``, and an
-    ``extra_info`` column (dicts) is passed through."""
+    first dataset column named ``ground_truth``, ``solution``, ``answer`` or ``answers``, or from
+    verl's ``reward_model`` column (``{"ground_truth": ...}`` per row); ``extra_info`` (dicts) and
+    ``data_source`` columns are passed through."""
 
     def reward_func(prompts=None, completions=None, **kwargs) -> list[float]:
         completions = list(completions or [])
+        n = len(completions)
         key = next((k for k in GROUND_TRUTH_KEYS if kwargs.get(k) is not None), None)
-        truths = kwargs[key] if key else [None] * len(completions)
-        infos = kwargs.get("extra_info") or [None] * len(completions)
-        prompts = prompts or [""] * len(completions)
+        if key:
+            truths = kwargs[key]
+        elif kwargs.get("reward_model") is not None:
+            truths = [(row or {}).get("ground_truth") for row in kwargs["reward_model"]]
+        else:
+            truths = [None] * n
+        infos = kwargs.get("extra_info") or [None] * n
+        sources = kwargs.get("data_source") or [""] * n
+        prompts = prompts or [""] * n
         samples = [
-            RewardSample(as_text(c), truths[i], as_text(prompts[i]), dict(infos[i] or {}))
+            RewardSample(as_text(c), truths[i], as_text(prompts[i]), dict(infos[i] or {}), str(sources[i] or ""))
             for i, c in enumerate(completions)
         ]
         return [float(s) for s in reward(samples)]
