@@ -61,7 +61,8 @@ class Sampling(BaseModel):
     max_tokens: PositiveInt | None = None
     max_completion_tokens: PositiveInt | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # torch seeds are 64-bit; larger values are refused (422), never an overflow inside the model call.
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
     stream_options: dict | None = None
     # OpenAI fields this server does not implement: refused (400) unless left at their no-op value.
@@ -234,21 +235,39 @@ def judge_app(
             top_logprobs=top_logprobs or 0,
         )
 
-    async def generate(prompts: list[str], params: SamplingParams, stop) -> list[list[Completion]]:
+    def check_prompts(prompts: list[str], max_tokens: int) -> int:
+        """The prompts' total token count; 400 for an empty prompt or one that does not fit the
+        context with ``max_tokens`` (as vLLM answers: never a silently truncated prompt)."""
         check_batch_size(len(prompts), settings, "prompt")
+        total = 0
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise APIError(400, f"prompt {i} is empty")
+            tokens = engine.count_tokens(prompt)
+            if tokens + max_tokens > engine.max_model_len:
+                raise APIError(
+                    400,
+                    f"This model's maximum context length is {engine.max_model_len} tokens. However, you "
+                    f"requested {tokens + max_tokens} tokens ({tokens} in the prompt, {max_tokens} for the "
+                    "completion). Please reduce the length of the prompt or max_tokens.",
+                )
+            total += tokens
+        return total
+
+    async def generate(prompts: list[str], params: SamplingParams, stop) -> tuple[list[list[Completion]], int]:
+        prompt_tokens = check_prompts(prompts, params.max_tokens)
         stops = [stop] if isinstance(stop, str) else stop
         groups = await batcher.submit(prompts, key=params)
-        return [[apply_stop(c, stops) for c in group] for group in groups]
+        return [[apply_stop(c, stops) for c in group] for group in groups], prompt_tokens
 
-    def respond(req: Sampling, kind: str, prompts: list[str], groups: list[list[Completion]], chat: bool):
-        body = response(kind, prompts, groups, chat)
+    def respond(req: Sampling, kind: str, generated: tuple[list[list[Completion]], int], chat: bool):
+        body = response(kind, *generated, chat)
         if req.stream:
             return _sse(body, chat, bool((req.stream_options or {}).get("include_usage")))
         return body
 
-    def response(kind: str, prompts: list[str], groups: list[list[Completion]], chat: bool) -> dict:
+    def response(kind: str, groups: list[list[Completion]], prompt_tokens: int, chat: bool) -> dict:
         choices = [_choice(i * len(g) + j, c, chat) for i, g in enumerate(groups) for j, c in enumerate(g)]
-        prompt_tokens = sum(engine.count_tokens(p) for p in prompts)
         completion_tokens = sum(c.completion_tokens for g in groups for c in g)
         return {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
@@ -289,15 +308,13 @@ def judge_app(
         ]
         thinking = (req.chat_template_kwargs or {}).get("enable_thinking")
         prompt = engine.render_chat(messages, None if thinking is None else bool(thinking))
-        groups = await generate([prompt], params, req.stop)
-        return respond(req, "chat.completion", [prompt], groups, chat=True)
+        return respond(req, "chat.completion", await generate([prompt], params, req.stop), chat=True)
 
     @app.post("/v1/completions")
     async def _completions(req: CompletionRequest):
         params = sampling(req, 16, req.logprobs)  # 16: OpenAI's and vLLM's default for plain completions
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        groups = await generate(prompts, params, req.stop)
-        return respond(req, "text_completion", prompts, groups, chat=False)
+        return respond(req, "text_completion", await generate(prompts, params, req.stop), chat=False)
 
     @app.post("/judge")
     async def _judge(req: JudgeRequest):
@@ -314,6 +331,7 @@ def judge_app(
             )
             for it in req.items
         ]
+        check_prompts(prompts, params.max_tokens)
         replies = [g[0] for g in await batcher.submit(prompts, key=params)]
         parsed = [judge_score(req.mode, r) for r in replies]
         return {

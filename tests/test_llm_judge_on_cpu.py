@@ -119,6 +119,20 @@ def test_api_key_is_enforced(judge_server):
             "top_logprobs needs logprobs=true",
         ),
         ("/v1/completions", dict(json={"prompt": "x", "logprobs": 21}), 422, "logprobs"),
+        ("/v1/completions", dict(json={"prompt": "", "max_tokens": 4}), 400, "prompt 0 is empty"),
+        ("/v1/completions", dict(json={"prompt": ["ok", ""], "max_tokens": 4}), 400, "prompt 1 is empty"),
+        (
+            "/v1/chat/completions",
+            dict(json={"messages": [{"role": "user", "content": "x"}], "seed": 2**70}),
+            422,
+            "seed",
+        ),
+        (
+            "/v1/completions",
+            dict(json={"prompt": "word " * 2100, "max_tokens": 16}),
+            400,
+            "maximum context length is 2048 tokens",
+        ),
         (
             "/v1/chat/completions",
             dict(json={"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}),
