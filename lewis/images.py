@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from core.cache import LRUCache
 from core.errors import APIError
+from core.paths import is_file, resolve_under
 
 DATA_URI_PREFIX = "data:image/"
 
@@ -45,7 +46,7 @@ class ImageStore:
     """Opens images by path (only under ``roots``) or from data URIs, as RGB ``PIL`` images."""
 
     def __init__(self, roots: Sequence[str | Path] = (), cache_size: int = 1024):
-        self.roots = [Path(r).expanduser().resolve() for r in roots]
+        self.roots = list(roots)
         self._cache = LRUCache(cache_size)
 
     def load(self, ref: str) -> Image.Image:
@@ -54,12 +55,12 @@ class ImageStore:
             raise APIError(400, "an image must be a path or a data:image/...;base64 URI")
         if ref.startswith(DATA_URI_PREFIX):
             return self._decode(ref)
-        path = Path(ref).expanduser().resolve()
-        if not any(path.is_relative_to(root) for root in self.roots):
-            raise APIError(403, f"image path {ref!r} is outside the allowed image roots; send it as a data URI instead")
+        if not self.roots:
+            raise APIError(403, "image paths are disabled on this server (no image roots); send a data URI")
+        path = resolve_under(ref, self.roots, "image path", "image", "; send it as a data URI instead")
         cached = self._cache.get(str(path))
         if cached is None:
-            if not path.is_file():
+            if not is_file(path, "image path"):
                 raise APIError(400, f"image {ref!r} not found")
             cached = open_image(path.read_bytes(), ref)
             self._cache.put(str(path), cached)

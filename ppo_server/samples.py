@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import APIError
+from core.paths import is_file, resolve_under
 
 
 @dataclass(frozen=True)
@@ -59,13 +60,10 @@ def resolve_dataset_path(path: str, roots: Sequence[str | Path]) -> Path:
     """The real path of ``path`` if it lies under one of ``roots`` (symlinks resolved), else 403."""
     if not roots:
         raise APIError(403, "dataset_path is disabled: no dataset roots are configured on this server")
-    real = Path(path).expanduser().resolve()
-    for root in roots:
-        if real.is_relative_to(Path(root).expanduser().resolve()):
-            if not real.is_file():
-                raise APIError(400, f"dataset_path {path!r} is not a file")
-            return real
-    raise APIError(403, f"dataset_path {path!r} is outside the allowed dataset roots")
+    real = resolve_under(path, roots, "dataset_path", "dataset")
+    if not is_file(real, "dataset_path"):
+        raise APIError(400, f"dataset_path {path!r} is not a file")
+    return real
 
 
 def check_loader(name: str | None) -> str | None:

@@ -271,3 +271,13 @@ def test_inference_variables_set_the_gate_and_a_waiting_request_gets_503(monkeyp
             second = http.post("/score", json=slow[0])
             assert first.result().status_code == 200
         assert second.status_code == 503 and "retry" in second.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("name", "phrase"), [("a\x00b.png", "NUL byte"), ("x" * 300 + ".png", "not a usable path")], ids=["nul", "long"]
+)
+def test_unusable_image_paths_get_400_and_the_server_lives(listener, shapes_root, name, phrase):
+    path = f"{shapes_root}/{name}"
+    refused = httpx.post(f"{listener.url}/score", json={"candidate_paths": [path], "question": "q"})
+    assert refused.status_code == 400 and phrase in refused.json()["error"], refused.text
+    assert httpx.get(f"{listener.url}/health").status_code == 200

@@ -255,3 +255,12 @@ def test_value_service_embedded_equals_served(tiny_model_cfg, tmp_path):
         served = ValueClient(server.url).forward(convs)["result"]
     assert served == pytest.approx(embedded.forward(convs)["result"])
     assert len(set(served)) == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "phrase"), [("a\x00b.jsonl", "NUL byte"), ("x" * 300 + ".jsonl", "not a usable path")], ids=["nul", "long"]
+)
+def test_unusable_dataset_paths_get_400_and_the_server_lives(policy, data_root, name, phrase):
+    refused = httpx.post(f"{policy.url}/train_from_dataset", json={"dataset_path": f"{data_root}/{name}"})
+    assert refused.status_code == 400 and phrase in refused.json()["error"], refused.text
+    assert httpx.get(f"{policy.url}/").status_code == 200

@@ -1,0 +1,38 @@
+"""Request fields that name a file on the server: resolved, confined to allowed roots, and
+refused with a 4xx (never a 500) when no file system would take them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from core.errors import APIError
+
+
+def resolve_under(ref: str, roots: Sequence[str | Path], what: str, kind: str = "", hint: str = "") -> Path:
+    """The real path of ``ref`` (``~``, ``..`` and symlinks resolved) when it lies under one of
+    ``roots``: 400 for a NUL byte or a name the file system refuses, 403 outside the roots
+    (``kind`` names the roots in the message, ``hint`` follows it).
+
+    >>> resolve_under("/tmp/../etc/passwd", ["/tmp"], "dataset_path", "dataset")
+    Traceback (most recent call last):
+    core.errors.APIError: dataset_path '/tmp/../etc/passwd' is outside the allowed dataset roots
+    """
+    if "\x00" in ref:
+        raise APIError(400, f"{what} contains a NUL byte")
+    try:
+        real = Path(ref).expanduser().resolve()
+        allowed = [Path(root).expanduser().resolve() for root in roots]
+    except (OSError, RuntimeError) as exc:  # e.g. a symlink loop
+        raise APIError(400, f"{what} {ref[:200]!r} is not a usable path: {exc}") from None
+    if not any(real.is_relative_to(root) for root in allowed):
+        raise APIError(403, f"{what} {ref[:200]!r} is outside the allowed {kind + ' ' if kind else ''}roots{hint}")
+    return real
+
+
+def is_file(path: Path, what: str) -> bool:
+    """Whether ``path`` is a file; 400 (not a 500) when the file system refuses the name (too long)."""
+    try:
+        return path.is_file()
+    except OSError as exc:
+        raise APIError(400, f"{what} is not a usable path: {exc.strerror or exc}") from None
