@@ -2,8 +2,10 @@
 
 Routes, as Hugging Face Text Embeddings Inference answers them:
 
-* ``POST /embed`` ``{inputs: str | [str], normalize=true, truncate=false, truncation_direction,
-  dimensions}`` → ``[[float, ...], ...]``
+* ``POST /embed`` (and ``POST /``, as TEI) ``{inputs: str | [str], normalize=true, truncate=false,
+  truncation_direction, dimensions}`` → ``[[float, ...], ...]``; ``normalize=false`` gives the
+  pooled vectors as the model computes them
+* ``GET /v1/models`` → the one served model (any ``model`` name reaches it, as TEI)
 * ``GET /info`` → model facts (``model_id``, ``max_input_length``, ``max_client_batch_size`` …)
 * ``POST /v1/embeddings`` (OpenAI) ``{input, model, encoding_format: float|base64, dimensions}``
 * ``GET /health``, ``GET /metrics`` (shared kit)
@@ -101,6 +103,8 @@ def embedding_app(
         vectors = await batcher.submit(texts, key=(direction.lower(), prompt_name))
         return finish_vectors(np.stack(vectors), normalize, dimensions)
 
+    # TEI also serves its model's route at "/" (huggingface_hub's InferenceClient posts there).
+    @app.post("/")
     @app.post("/embed")
     async def _embed(req: EmbedRequest):
         texts = [req.inputs] if isinstance(req.inputs, str) else req.inputs
@@ -108,6 +112,13 @@ def embedding_app(
             texts, req.normalize, req.truncate, req.truncation_direction, req.dimensions, req.prompt_name
         )
         return _json(vectors)
+
+    @app.get("/v1/models")
+    async def _models():
+        return {
+            "object": "list",
+            "data": [{"id": engine.name, "object": "model", "created": 0, "owned_by": "rewardkit"}],
+        }
 
     @app.get("/info")
     async def _info():
@@ -119,11 +130,8 @@ def embedding_app(
 
     @app.post("/v1/embeddings")
     async def _openai_embeddings(req: OpenAIEmbeddingRequest):
+        # The one served model answers whatever `model` names, as TEI does.
         texts = [req.input] if isinstance(req.input, str) else req.input
-        if req.model is not None and req.model != engine.name:
-            raise APIError(
-                404, f"The model `{req.model}` does not exist; this server serves `{engine.name}`", "not_found"
-            )
         vectors = await embed(texts, True, True, "right", req.dimensions, None)
         data = []
         for i, vec in enumerate(vectors):

@@ -46,6 +46,11 @@ class EmbeddingEngine:
             device=str(self.device),
             model_kwargs=load_kwargs(model, self.device),
         )
+        # TEI's normalize=false returns the pooled vectors as they are, so the model's own trailing
+        # Normalize module goes; normalisation is then only ever finish_vectors' (normalize=true).
+        last = list(self.model._modules)[-1]
+        if type(self.model._modules[last]).__name__ == "Normalize":
+            del self.model._modules[last]
         self.tokenizer = self.model.tokenizer
         self.max_input_length = int(self.model.max_seq_length)
         self.dimension = int(self.model.get_embedding_dimension())
