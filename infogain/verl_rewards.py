@@ -1,8 +1,9 @@
 """The InfoGain reference service's EM + IG reward for verl's ``custom_reward_function``:
 
-    custom_reward_function:
-      path: infogain/verl_rewards.py
-      name: qa_em_ig_compute_score
+    reward:                              # verl 0.9 reads it under reward:
+      custom_reward_function:
+        path: pkg://infogain.verl_rewards   # a module path also works in Ray workers
+        name: qa_em_ig_compute_score
 
 The InfoGain service comes from ``IG_SERVICE_URL`` / ``IG_BATCH_SIZE`` / ``IG_TIMEOUT`` (read at
 first use); when it cannot answer, the IG term is 0.0 and the EM part still counts.

@@ -1,8 +1,9 @@
 """Drop-in reward functions for verl's ``custom_reward_function``.
 
-    custom_reward_function:
-      path: judges/verl_rewards.py
-      name: embedding_compute_score      # or llm_judge_compute_score
+    reward:                              # verl 0.9 reads it under reward:
+      custom_reward_function:
+        path: pkg://judges.verl_rewards   # a module path also works in Ray workers
+        name: embedding_compute_score      # or llm_judge_compute_score
 
 Each function takes verl's single form ``(data_source, solution_str, ground_truth, extra_info)``
 and its batched keyword form (``data_sources=..., solution_strs=..., ...``, as the batch reward
