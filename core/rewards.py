@@ -103,7 +103,11 @@ class RewardMix:
 
 
 def verl_compute_score(reward: RewardFunction) -> Callable[..., float | list[float]]:
-    """verl's ``compute_score``: single-sample positional form, or the batched keyword form."""
+    """verl's ``compute_score``: single-sample positional form, or the batched keyword form.
+
+    Other keyword arguments (verl's ``custom_reward_function.reward_kwargs``) set the reward's
+    per-sample options for every sample, as ``extra_info`` would; a sample's own ``extra_info`` wins.
+    """
 
     def compute_score(
         data_source=None,
@@ -115,28 +119,29 @@ def verl_compute_score(reward: RewardFunction) -> Callable[..., float | list[flo
         solution_strs=None,
         ground_truths=None,
         extra_infos=None,
-        **_,
+        **reward_kwargs,
     ):
         if solution_strs is not None:
-            return verl_batched(reward)(data_sources, solution_strs, ground_truths, extra_infos)
-        sample = RewardSample(solution_str or "", ground_truth, "", dict(extra_info or {}), data_source or "")
-        return float(reward([sample])[0])
+            return verl_batched(reward)(data_sources, solution_strs, ground_truths, extra_infos, **reward_kwargs)
+        info = {**reward_kwargs, **(extra_info or {})}
+        return float(reward([RewardSample(solution_str or "", ground_truth, "", info, data_source or "")])[0])
 
     compute_score.__name__ = f"{reward.name}_compute_score"
     return compute_score
 
 
 def verl_batched(reward: RewardFunction) -> Callable[..., list[float]]:
-    """verl's batched form: ``compute_score(data_sources, solution_strs, ground_truths, extra_infos=None)``."""
+    """verl's batched form: ``compute_score(data_sources, solution_strs, ground_truths, extra_infos=None,
+    **reward_kwargs)`` (``reward_kwargs`` as in ``verl_compute_score``)."""
 
-    def compute_score_batched(data_sources, solution_strs, ground_truths, extra_infos=None, **_):
+    def compute_score_batched(data_sources, solution_strs, ground_truths, extra_infos=None, **reward_kwargs):
         n = len(solution_strs)
         samples = [
             RewardSample(
                 solution_strs[i],
                 ground_truths[i] if ground_truths is not None else None,
                 "",
-                dict((extra_infos[i] if extra_infos is not None else None) or {}),
+                {**reward_kwargs, **((extra_infos[i] if extra_infos is not None else None) or {})},
                 data_sources[i] if data_sources is not None else "",
             )
             for i in range(n)

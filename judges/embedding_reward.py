@@ -91,7 +91,7 @@ class EmbeddingSimilarityReward:
         fallback: ``lexical`` (difflib ratio) or ``zero`` when the server cannot answer.
 
     Per-sample ``extra_info`` may override ``server_url``, ``api_key``, ``timeout``,
-    ``length_penalty``, ``length_threshold`` and ``cache_enabled``, and filter references with
+    ``length_penalty``, ``length_threshold``, ``cache_enabled`` and ``fallback``, and filter references with
     ``target_gt`` / ``filter_gt_by_prompt_token`` + ``prompt``.
     """
 
@@ -106,8 +106,7 @@ class EmbeddingSimilarityReward:
         cache_size: int = 10_000,
         fallback: str = "lexical",
     ):
-        if fallback not in ("lexical", "zero"):
-            raise ValueError(f"fallback must be 'lexical' or 'zero', got {fallback!r}")
+        check_fallback(fallback)
         length_factor("", "", length_penalty)  # reject an unknown penalty at construction
         self.embedder = embedder
         self.length_penalty = length_penalty
@@ -173,7 +172,7 @@ class EmbeddingSimilarityReward:
                     len(idx),
                 )
                 for i in idx:
-                    scores[i] = self._fallback_score(samples[i].completion, refs[i])
+                    scores[i] = self._fallback_score(samples[i], refs[i])
                 continue
             for i in idx:
                 scores[i] = self._score(samples[i], refs[i], vectors)
@@ -188,7 +187,14 @@ class EmbeddingSimilarityReward:
         threshold = float(sample.extra_info.get("length_threshold", self.length_threshold))
         return sims[best] * length_factor(refs[best], sample.completion, kind, threshold)
 
-    def _fallback_score(self, completion: str, refs: list[str]) -> float:
-        if self.fallback == "zero" or not refs:
+    def _fallback_score(self, sample: RewardSample, refs: list[str]) -> float:
+        if check_fallback(sample.extra_info.get("fallback", self.fallback)) == "zero" or not refs:
             return 0.0
-        return max(lexical_similarity(completion, r) for r in refs)
+        return max(lexical_similarity(sample.completion, r) for r in refs)
+
+
+def check_fallback(fallback: str) -> str:
+    """``fallback`` if it is ``lexical`` or ``zero``, else ValueError."""
+    if fallback not in ("lexical", "zero"):
+        raise ValueError(f"fallback must be 'lexical' or 'zero', got {fallback!r}")
+    return fallback

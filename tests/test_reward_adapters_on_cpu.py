@@ -78,3 +78,24 @@ def test_trl_style_columns_give_the_ground_truth(column):
     reward = Recording()
     scores = trl_reward_func(reward)(prompts=["q", "q"], completions=["4", "5"], **{column: ["4", "4"]})
     assert scores == [1.0, 0.0]
+
+
+def test_verl_reward_kwargs_set_every_samples_options(tmp_path):
+    from omegaconf import OmegaConf
+
+    from conftest import ROOT, free_port
+    from judges.embedding_client import EmbeddingClient
+    from judges.embedding_engine import EmbeddingEngine
+    from judges.embedding_reward import EmbeddingSimilarityReward
+
+    engine = EmbeddingEngine(OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/minilm.yaml")))
+    compute_score = verl_compute_score(EmbeddingSimilarityReward(engine))
+    long = "Paris, the capital and largest city of France, on the Seine"
+    plain = compute_score("qa", long, "Paris")
+    assert compute_score("qa", long, "Paris", None, length_penalty="ratio") < plain  # reward_kwargs reach it
+    assert compute_score("qa", long, "Paris", {"length_penalty": "none"}, length_penalty="ratio") == plain
+    dead = EmbeddingClient(f"http://127.0.0.1:{free_port()}", timeout=1, max_retries=0)
+    down = verl_compute_score(EmbeddingSimilarityReward(dead))
+    assert down("qa", "Paris!", "Paris") > 0.5  # lexical fallback by default
+    assert down("qa", "Paris!", "Paris", None, fallback="zero") == 0.0
+    assert down(data_sources=["qa"], solution_strs=["Paris!"], ground_truths=["Paris"], fallback="zero") == [0.0]
