@@ -281,3 +281,28 @@ def test_unusable_image_paths_get_400_and_the_server_lives(listener, shapes_root
     refused = httpx.post(f"{listener.url}/score", json={"candidate_paths": [path], "question": "q"})
     assert refused.status_code == 400 and phrase in refused.json()["error"], refused.text
     assert httpx.get(f"{listener.url}/health").status_code == 200
+
+
+def test_speaker_7b_experiment_has_the_reference_run_settings():
+    from hydra import compose, initialize_config_dir
+    from trl import GRPOConfig
+
+    from core.local_server import ROOT
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["train=speaker", "experiment=lewis_speaker_qwen2vl7b"])
+    reference = {
+        "learning_rate": 5e-7,
+        "per_device_train_batch_size": 1,
+        "gradient_accumulation_steps": 16,
+        "num_train_epochs": 4,
+        "max_steps": -1,
+        "num_generations": 4,
+        "save_only_model": True,
+        "gradient_checkpointing": True,
+    }
+    assert {k: cfg.trainer[k] for k in reference} == reference
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.seed, cfg.gpus) == (64, 128, 0.001, 23, 2)
+    assert cfg.deepspeed.config.optimizer.params.lr == 5e-7
+    assert (cfg.vlm.max_pixels, cfg.vlm.attn_implementation) == (401408, "flash_attention_2")
+    GRPOConfig(output_dir="/tmp/x", use_cpu=True, **reference)  # every name is one TRL accepts
