@@ -22,7 +22,7 @@ class NullTracker:
 
 
 class WandbTracker:
-    """A wandb run written under ``run_dir`` (offline unless ``mode=online``)."""
+    """A wandb run written under ``dir``, else ``run_dir`` (offline unless ``mode=online``)."""
 
     def __init__(
         self,
@@ -30,6 +30,7 @@ class WandbTracker:
         mode: str = "offline",
         name: str | None = None,
         tags=(),
+        dir: str | Path | None = None,  # noqa: A002 - wandb's own name for it
         run_dir: str | Path | None = None,
         run_config: dict | None = None,
     ):
@@ -41,7 +42,7 @@ class WandbTracker:
             name=name,
             tags=list(tags or []),
             config=run_config,
-            dir=str(run_dir) if run_dir else None,
+            dir=str(dir or run_dir) if (dir or run_dir) else None,
             reinit="finish_previous",
         )
 

@@ -110,6 +110,16 @@ def test_default_run_logs_to_offline_wandb(tmp_path):
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
+def test_wandb_variables_win_over_the_config_defaults(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_PROJECT", "my-project")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    logger = composed().logger
+    assert (logger.project, logger.mode, logger.dir) == ("my-project", "disabled", str(tmp_path))
+    monkeypatch.delenv("WANDB_PROJECT")
+    assert composed().logger.project == "rewardkit"
+
+
 def test_check_reports_a_healthy_judge(judge_server):
     result = run_cli(
         "check=judge",
