@@ -142,10 +142,11 @@ def model_path(model_cfg: Mapping) -> str:
 
 
 def device_name(gpus: int, local_rank: str | None = None) -> str:
-    """``cpu``, or ``cuda:<LOCAL_RANK>``: each process of a multi-GPU launch takes its own GPU."""
+    """``cpu``; ``cuda:<LOCAL_RANK>`` in a multi-GPU launch, so each process takes its own GPU;
+    else ``cuda``, the current device (which ``torch.cuda.set_device`` may have chosen)."""
     if not gpus or gpus <= 0:
         return "cpu"
-    return f"cuda:{int(local_rank or 0)}"
+    return f"cuda:{int(local_rank)}" if local_rank is not None else "cuda"
 
 
 def device_for(gpus: int) -> torch.device:

@@ -52,10 +52,23 @@ def infogain_app(engine, settings: ServerSettings, max_batch_size: int = 64, max
     return app
 
 
+def gpus_for(gpus: int, device: str | None) -> int:
+    """GPUs the service uses: ``gpus`` (IG_NUM_GPUS), or one when only a GPU ``device`` (IG_DEVICE)
+    is named, as the reference service's environment recipe does.
+
+    >>> gpus_for(0, "cuda:1"), gpus_for(0, None), gpus_for(4, "cuda:0"), gpus_for(0, "cpu")
+    (1, 0, 4, 0)
+    """
+    if gpus == 0 and device and str(device).startswith("cuda"):
+        return 1
+    return gpus
+
+
 def run(cfg) -> None:
     """Entry point of ``python run.py service=infogain``."""
     if cfg.ig.model_path:  # IG_MODEL_PATH, as the InfoGain reference service reads it
         cfg.model.name_or_path = cfg.ig.model_path
+    cfg.gpus = gpus_for(int(cfg.gpus), cfg.ig.device)
     workers = int(cfg.ig.workers) or max(1, int(cfg.gpus))
     if workers > 1:
         from infogain.workers import WorkerPool

@@ -210,7 +210,7 @@ def test_each_rank_takes_its_own_gpu_and_flash_attention_falls_back(caplog):
     from core.models import attention_implementation, device_name, load_kwargs
 
     assert device_name(0, "3") == "cpu"
-    assert [device_name(4, rank) for rank in (None, "0", "1", "3")] == ["cuda:0", "cuda:0", "cuda:1", "cuda:3"]
+    assert [device_name(4, rank) for rank in (None, "0", "1", "3")] == ["cuda", "cuda:0", "cuda:1", "cuda:3"]
     vlm = OmegaConf.to_container(OmegaConf.load(CONF / "vlm/qwen2-vl-7b.yaml"))
     assert vlm["attn_implementation"] == "flash_attention_2"
     with caplog.at_level("WARNING"):
