@@ -7,6 +7,7 @@ as lists to ``/v1/completions``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -91,6 +92,12 @@ class GenerationClient:
                 raise ValueError(f"{self.url}/v1/models lists no model")
             self._model_name = models[0]["id"]
         return self._model_name
+
+    def for_model(self, model_name: str) -> GenerationClient:
+        """This client's server and connection pool, asking for ``model_name`` instead."""
+        twin = copy.copy(self)
+        twin._model_name = model_name
+        return twin
 
     def _sampling(self, params: SamplingParams, stop: Sequence[str] | None, chat: bool) -> dict:
         body = {

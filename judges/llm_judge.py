@@ -68,7 +68,13 @@ class LLMJudgeReward:
 
     def _generator_for(self, info: dict):
         if not info.get("server_url"):
-            return self.generator
+            name = info.get("model_name")
+            if not name or not isinstance(self.generator, GenerationClient):  # one model in process
+                return self.generator
+            key = (self.generator.url, None, None, name)
+            if key not in self._clients:
+                self._clients[key] = self.generator.for_model(name)
+            return self._clients[key]
         key = (info["server_url"], info.get("api_key"), info.get("timeout"), info.get("model_name"))
         if key not in self._clients:
             self._clients[key] = GenerationClient(

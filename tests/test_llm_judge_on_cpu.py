@@ -219,6 +219,8 @@ def test_judge_reward_best_reference_filters_and_overrides(scripted):
     assert len(custom) == 1 and custom[0]["temperature"] == 0.2
     assert custom[0]["chat_template_kwargs"] == {"enable_thinking": True}
     assert len(seen) == 3  # two references for the first sample, one (filtered) for the second
+    judge([RewardSample("Paris", "Paris", extra_info={"model_name": "judge-b"})])
+    assert seen[-1]["model"] == "judge-b"  # model_name alone picks the model on the configured server
 
 
 def test_judge_reward_verl_forms_agree(scripted):
