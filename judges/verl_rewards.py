@@ -3,7 +3,7 @@
     reward:                              # verl 0.9 reads it under reward:
       custom_reward_function:
         path: pkg://judges.verl_rewards   # a module path also works in Ray workers
-        name: embedding_compute_score      # or llm_judge_compute_score
+        name: embedding_compute_score      # or llm_judge_compute_score, or compute_score (routes by data_source)
 
 Each function takes verl's single form ``(data_source, solution_str, ground_truth, extra_info)``
 and its batched keyword form (``data_sources=..., solution_strs=..., ...``, as the batch reward
@@ -54,3 +54,67 @@ def embedding_compute_score(*args, **kwargs):
 def llm_judge_compute_score(*args, **kwargs):
     """LLM-judge reward against the OpenAI-compatible server in ``LLM_JUDGE_SERVER_URL``."""
     return _judge()(*args, **kwargs)
+
+
+# data_source prefix -> scorer, as the reference rewards route (`llm_judge_remote_<dataset>`,
+# `embedding_remote_<dataset>`); the first matching prefix wins.
+ROUTES = {"llm_judge": llm_judge_compute_score, "embedding": embedding_compute_score}
+
+
+def _route(data_source: str | None):
+    for prefix, scorer in ROUTES.items():
+        if (data_source or "").startswith(prefix):
+            return scorer
+    return _verl_default
+
+
+def _verl_default(data_source, solution_str, ground_truth, extra_info=None, **kwargs):
+    try:
+        from verl.utils.reward_score import default_compute_score
+    except ImportError:
+        raise NotImplementedError(
+            f"data_source {data_source!r} matches none of {', '.join(p + '*' for p in ROUTES)} "
+            "and verl (whose default scorers would take it) is not installed"
+        ) from None
+    return default_compute_score(data_source, solution_str, ground_truth, extra_info, **kwargs)
+
+
+def compute_score(
+    data_source=None,
+    solution_str=None,
+    ground_truth=None,
+    extra_info=None,
+    *,
+    data_sources=None,
+    solution_strs=None,
+    ground_truths=None,
+    extra_infos=None,
+    **reward_kwargs,
+):
+    """One entry point for a mixed dataset: each sample goes to the reward its ``data_source``
+    prefix names (``llm_judge*`` → the LLM judge, ``embedding*`` → embedding similarity), anything
+    else to verl's own default scorer. Single and batched forms, as the other entry points."""
+    if solution_strs is None:
+        return _route(data_source)(data_source, solution_str, ground_truth, extra_info, **reward_kwargs)
+    n = len(solution_strs)
+    sources = list(data_sources) if data_sources is not None else [""] * n
+    truths = list(ground_truths) if ground_truths is not None else [None] * n
+    infos = list(extra_infos) if extra_infos is not None else [None] * n
+    by_scorer: dict = {}
+    for i, source in enumerate(sources):
+        by_scorer.setdefault(_route(source), []).append(i)
+    scores = [0.0] * n
+    for scorer, idx in by_scorer.items():
+        if scorer is _verl_default:  # verl's scorers take one sample at a time
+            part = [scorer(sources[i], solution_strs[i], truths[i], infos[i], **reward_kwargs) for i in idx]
+        else:
+            part = scorer(
+                data_sources=[sources[i] for i in idx],
+                solution_strs=[solution_strs[i] for i in idx],
+                ground_truths=[truths[i] for i in idx],
+                extra_infos=[infos[i] for i in idx],
+                **reward_kwargs,
+            )
+        for i, score in zip(idx, part, strict=True):
+            scores[i] = score
+    return scores

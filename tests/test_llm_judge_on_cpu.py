@@ -280,3 +280,32 @@ def test_verl_entry_point_reads_the_seed_env(scripted, monkeypatch):
         ) == [0.1, 0.9]
     finally:
         verl_rewards._judge.cache_clear()
+
+
+def test_verl_dispatcher_routes_by_data_source_prefix(scripted, embedding_server, monkeypatch):
+    from judges import verl_rewards
+
+    server, _seen = scripted
+    monkeypatch.setenv("LLM_JUDGE_SERVER_URL", server.url)
+    monkeypatch.setenv("EMBEDDING_SERVER_URL", embedding_server.url)
+    verl_rewards._judge.cache_clear()
+    verl_rewards._embedding.cache_clear()
+    try:
+        judged = verl_rewards.compute_score("llm_judge_remote_qa", "Paris", "Paris", {"problem": "Capital?"})
+        embedded = verl_rewards.compute_score("embedding_remote_qa", "A cat naps.", "A cat sleeps.", None)
+        assert judged == 0.9 and 0.8 < embedded < 1.0
+        batch = verl_rewards.compute_score(
+            data_sources=["embedding_remote_qa", "llm_judge_remote_qa", "llm_judge_remote_qa"],
+            solution_strs=["A cat naps.", "Lyon", "Paris"],
+            ground_truths=["A cat sleeps.", "Paris", "Paris"],
+            extra_infos=[None, {"problem": "Capital?"}, {"problem": "Capital?"}],
+        )
+        assert batch == [pytest.approx(embedded), 0.1, 0.9]
+        try:
+            import verl  # noqa: F401
+        except ImportError:
+            with pytest.raises(NotImplementedError, match="matches none of llm_judge\\*, embedding\\*"):
+                verl_rewards.compute_score("openai/gsm8k", "42", "42")
+    finally:
+        verl_rewards._judge.cache_clear()
+        verl_rewards._embedding.cache_clear()
