@@ -2,7 +2,8 @@
 
 ``create_app`` gives a service, in one place: ``/health``, Prometheus ``/metrics``, an optional
 Bearer API key, a request-body size limit, a concurrency limit that answers 429/503 on overload
-instead of hanging, the uniform ``{"error": ...}`` body for every 4xx/5xx, and shutdown hooks.
+instead of hanging, an error body for every 4xx/5xx in the shape of the route's API family
+(OpenAI's on ``/v1/...``, TEI's elsewhere; see ``core.errors.error_body``), and shutdown hooks.
 Routes are added by the domain packages on the returned app.
 """
 
@@ -176,7 +177,7 @@ class _Gate:
                 await self.gate.acquire()
             except _Overloaded as exc:
                 await _send_json(
-                    tracked_send, exc.status, error_body(exc.message, exc.status), [(b"retry-after", b"1")]
+                    tracked_send, exc.status, error_body(exc.message, exc.status, path=path), [(b"retry-after", b"1")]
                 )
                 return
             self.metrics.in_flight.inc()
@@ -187,7 +188,7 @@ class _Gate:
                 await self.gate.release()
         except _BodyTooLarge as exc:
             if not status["started"]:
-                await _send_json(tracked_send, 413, error_body(exc.detail, 413))
+                await _send_json(tracked_send, 413, error_body(exc.detail, 413, path=path))
         finally:
             route = scope.get("route")
             label = getattr(route, "path", None) or ("unmatched" if path not in UNGATED_PATHS else path)
@@ -201,10 +202,10 @@ class _Gate:
             given = headers.get(b"authorization", b"").decode("latin-1")
             if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
                 message = "missing or invalid API key: send 'Authorization: Bearer <key>'"
-                return 401, error_body(message, 401), [(b"www-authenticate", b"Bearer")]
+                return 401, error_body(message, 401, path=path), [(b"www-authenticate", b"Bearer")]
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.settings.max_body_bytes:
-            return 413, error_body(_BodyTooLarge(self.settings.max_body_bytes).detail, 413)
+            return 413, error_body(_BodyTooLarge(self.settings.max_body_bytes).detail, 413, path=path)
         return None
 
     def _limited(self, receive):
@@ -269,26 +270,29 @@ def create_app(
     app.add_middleware(_Gate, settings=settings, gate=app.state.gate, metrics=app.state.metrics)
 
     @app.exception_handler(APIError)
-    async def _api_error(_req: Request, exc: APIError):
-        return JSONResponse(error_body(exc.message, exc.status, exc.error_type), status_code=exc.status)
+    async def _api_error(req: Request, exc: APIError):
+        return JSONResponse(error_body(exc.message, exc.status, exc.error_type, req.url.path), status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_req: Request, exc: StarletteHTTPException):
+    async def _http_error(req: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         return JSONResponse(
-            error_body(message, exc.status_code), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+            error_body(message, exc.status_code, path=req.url.path),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
         )
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_req: Request, exc: RequestValidationError):
+    async def _validation_error(req: Request, exc: RequestValidationError):
         status, message = _validation_message(list(exc.errors()))
         status = validation_status if status == 422 else status
-        return JSONResponse(error_body(message, status), status_code=status)
+        return JSONResponse(error_body(message, status, path=req.url.path), status_code=status)
 
     @app.exception_handler(Exception)
-    async def _server_error(_req: Request, exc: Exception):
+    async def _server_error(req: Request, exc: Exception):
         log.exception("unhandled error")
-        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", 500), status_code=500)
+        message = f"internal error: {type(exc).__name__}: {exc}"
+        return JSONResponse(error_body(message, 500, path=req.url.path), status_code=500)
 
     @app.get("/health")
     async def _health():

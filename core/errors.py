@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+# Routes of the OpenAI API family, whose clients read errors in OpenAI's shape.
+OPENAI_PREFIX = "/v1/"
 
-def error_body(message: str, status: int, error_type: str | None = None, **extra) -> dict:
-    """The uniform error payload: ``{"error": message, "error_type": kind, "code": status}``.
 
-    ``error`` + ``error_type`` is the shape TEI answers with; the OpenAI client reads ``error``
-    as the message, so one shape serves both families of clients.
+def error_body(message: str, status: int, error_type: str | None = None, path: str = "") -> dict:
+    """The error payload in the shape of the route's API family.
+
+    OpenAI routes (``/v1/...``): ``{"error": {"message", "type", "param", "code"}}``, which the
+    official client shows as the exception's message. Every other route: TEI's
+    ``{"error": message, "error_type": kind, "code": status}`` (our own routes share it).
+
+    >>> error_body("bad n", 400, path="/v1/completions")["error"]["message"]
+    'bad n'
+    >>> error_body("bad n", 400, path="/embed")
+    {'error': 'bad n', 'error_type': 'validation', 'code': 400}
     """
-    return {"error": message, "error_type": error_type or _default_type(status), "code": status, **extra}
+    kind = error_type or _default_type(status)
+    if path.startswith(OPENAI_PREFIX):
+        return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return {"error": message, "error_type": kind, "code": status}
+
+
+def error_message(body: dict) -> str:
+    """The message of an error payload in either shape."""
+    error = body.get("error")
+    return error.get("message", "") if isinstance(error, dict) else str(error or "")
 
 
 def _default_type(status: int) -> str:

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import httpx
 import orjson
 
-from core.errors import ServiceError
+from core.errors import ServiceError, error_message
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,11 +36,8 @@ def _server_message(response: httpx.Response) -> str:
         body = response.json()
     except ValueError:
         return response.text[:300]
-    if isinstance(body, dict):
-        err = body.get("error", body)
-        if isinstance(err, dict):
-            return str(err.get("message", err))
-        return str(err)
+    if isinstance(body, dict) and "error" in body:
+        return error_message(body)
     return str(body)[:300]
 
 

@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from conftest import JUDGE_KEY, ThreadServer, free_port, scripted_openai_app
+from core.errors import error_message
 from core.generation import GenerationEngine, SamplingParams
 from core.generation_client import GenerationClient
 from core.rewards import RewardSample, verl_batched, verl_compute_score
@@ -80,6 +81,15 @@ def test_concurrent_requests_are_micro_batched(judge_server, oai):
     calls = judge_server.metric("generation_model_calls_total", AUTH) - before
     assert all(len(r.choices) == 1 for r in replies)
     assert calls < 16 / 2
+
+
+def test_the_official_client_shows_our_error_messages(oai):
+    with pytest.raises(openai.BadRequestError, match="not supported by this server: response_format"):
+        oai.chat.completions.create(
+            model="tiny-qwen2", messages=[{"role": "user", "content": "x"}], response_format={"type": "json_object"}
+        )
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        oai.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
 
 
 def test_api_key_is_enforced(judge_server):
@@ -154,7 +164,10 @@ def test_api_key_is_enforced(judge_server):
 def test_bad_input_gets_json_error(judge_server, path, send, status, phrase):
     response = httpx.post(f"{judge_server.url}{path}", headers={**AUTH, **send.pop("headers", {})}, **send)
     assert response.status_code == status, response.text
-    assert phrase in response.json()["error"]
+    body = response.json()
+    assert phrase in error_message(body)
+    # OpenAI routes answer in OpenAI's error shape, our /judge route in the kit's
+    assert isinstance(body["error"], dict) == path.startswith("/v1/"), body
     assert httpx.get(f"{judge_server.url}/health").status_code == 200
 
 
