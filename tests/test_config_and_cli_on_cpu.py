@@ -68,6 +68,15 @@ def test_local_reward_mix_and_service_engines_instantiate():
     assert not engine.random_weights
 
 
+def test_judge_defaults_fit_real_judges():
+    local, remote = composed("reward=llm_judge"), composed("reward=llm_judge", "judge=remote")
+    assert (local.judge.mode, local.judge.prompt_template) == ("logprobs", "yes_no")  # one token, any model size
+    assert (remote.judge.mode, remote.judge.prompt_template) == ("text", "default")
+    for cfg in (local, remote):  # a text-mode judge gets room to reason before `REWARD:`
+        assert cfg.reward.components.llm_judge.fn.max_new_tokens == 512
+    assert local.judge.model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
 def test_help_lists_the_groups():
     out = run_cli("--help", timeout=120).stdout
     for group in ("service", "model", "judge", "embedder", "reward", "logger", "check", "launch", "experiment"):
