@@ -45,13 +45,15 @@ def test_tiny_policy_learns_a_learnable_reward(tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_learns_on_smollm2_and_leaves_every_artefact_in_time(tmp_path):
+    # The quickstart as users run it, cut from 24 to 16 steps to keep the suite short (the README
+    # has the full runs): the rise shows by then.
     started = time.monotonic()
-    result = run_cli(f"hydra.run.dir={tmp_path}", timeout=600)
+    result = run_cli(f"hydra.run.dir={tmp_path}", "trainer.max_steps=16", "trainer.save_steps=8", timeout=600)
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stdout[-3000:]
-    assert elapsed < 300, elapsed
+    assert elapsed < 300 * 16 / 24, elapsed
     rows = metrics(tmp_path)
-    assert [r["step"] for r in rows] == list(range(1, 25))
+    assert [r["step"] for r in rows] == list(range(1, 17))
     rewards = [r["reward/total"] for r in rows]
     start, end = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert end >= start + 0.2, (start, end)
@@ -66,9 +68,9 @@ def test_quickstart_learns_on_smollm2_and_leaves_every_artefact_in_time(tmp_path
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 8
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in (tmp_path / "config_resolved.yaml").read_text()
-    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-24"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-8"]
     assert list((tmp_path / "wandb").glob("offline-run-*"))
-    assert json.loads((tmp_path / "final.json").read_text())["steps"] == 24
+    assert json.loads((tmp_path / "final.json").read_text())["steps"] == 16
 
 
 def test_smoke_run_logs_every_reward_component(tmp_path):
