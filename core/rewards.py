@@ -102,12 +102,10 @@ class RewardMix:
         return {name: dict(getattr(fn, "stats", {})) for name, (fn, _w) in self.components.items()}
 
 
-def verl_compute_score(reward: RewardFunction) -> Callable[..., float | list[float]]:
-    """verl's ``compute_score``: single-sample positional form, or the batched keyword form.
-
-    Other keyword arguments (verl's ``custom_reward_function.reward_kwargs``) set the reward's
-    per-sample options for every sample, as ``extra_info`` would; a sample's own ``extra_info`` wins.
-    """
+def verl_entry(single: Callable[..., float], batched: Callable[..., list[float]], name: str) -> Callable:
+    """One function with both of verl's calling forms: ``f(data_source, solution_str,
+    ground_truth, extra_info=None, **kwargs)`` goes to ``single``, ``f(data_sources=...,
+    solution_strs=..., ground_truths=..., extra_infos=..., **kwargs)`` to ``batched``."""
 
     def compute_score(
         data_source=None,
@@ -122,12 +120,25 @@ def verl_compute_score(reward: RewardFunction) -> Callable[..., float | list[flo
         **reward_kwargs,
     ):
         if solution_strs is not None:
-            return verl_batched(reward)(data_sources, solution_strs, ground_truths, extra_infos, **reward_kwargs)
+            return batched(data_sources, solution_strs, ground_truths, extra_infos, **reward_kwargs)
+        return single(data_source, solution_str, ground_truth, extra_info, **reward_kwargs)
+
+    compute_score.__name__ = name
+    return compute_score
+
+
+def verl_compute_score(reward: RewardFunction) -> Callable[..., float | list[float]]:
+    """verl's ``compute_score`` over ``reward``: single-sample positional form, or the batched keyword form.
+
+    Other keyword arguments (verl's ``custom_reward_function.reward_kwargs``) set the reward's
+    per-sample options for every sample, as ``extra_info`` would; a sample's own ``extra_info`` wins.
+    """
+
+    def single(data_source, solution_str, ground_truth, extra_info=None, **reward_kwargs) -> float:
         info = {**reward_kwargs, **(extra_info or {})}
         return float(reward([RewardSample(solution_str or "", ground_truth, "", info, data_source or "")])[0])
 
-    compute_score.__name__ = f"{reward.name}_compute_score"
-    return compute_score
+    return verl_entry(single, verl_batched(reward), f"{reward.name}_compute_score")
 
 
 def verl_batched(reward: RewardFunction) -> Callable[..., list[float]]:

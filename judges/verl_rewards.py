@@ -18,7 +18,7 @@ import os
 from functools import cache
 
 from core.generation_client import GenerationClient
-from core.rewards import verl_compute_score
+from core.rewards import verl_compute_score, verl_entry
 from judges.embedding_client import EmbeddingClient
 from judges.embedding_reward import EmbeddingSimilarityReward
 from judges.llm_judge import LLMJudgeReward
@@ -79,23 +79,7 @@ def _verl_default(data_source, solution_str, ground_truth, extra_info=None, **kw
     return default_compute_score(data_source, solution_str, ground_truth, extra_info, **kwargs)
 
 
-def compute_score(
-    data_source=None,
-    solution_str=None,
-    ground_truth=None,
-    extra_info=None,
-    *,
-    data_sources=None,
-    solution_strs=None,
-    ground_truths=None,
-    extra_infos=None,
-    **reward_kwargs,
-):
-    """One entry point for a mixed dataset: each sample goes to the reward its ``data_source``
-    prefix names (``llm_judge*`` → the LLM judge, ``embedding*`` → embedding similarity), anything
-    else to verl's own default scorer. Single and batched forms, as the other entry points."""
-    if solution_strs is None:
-        return _route(data_source)(data_source, solution_str, ground_truth, extra_info, **reward_kwargs)
+def _route_batch(data_sources, solution_strs, ground_truths, extra_infos=None, **reward_kwargs) -> list[float]:
     n = len(solution_strs)
     sources = list(data_sources) if data_sources is not None else [""] * n
     truths = list(ground_truths) if ground_truths is not None else [None] * n
@@ -118,3 +102,13 @@ def compute_score(
         for i, score in zip(idx, part, strict=True):
             scores[i] = score
     return scores
+
+
+def _route_one(data_source, solution_str, ground_truth, extra_info=None, **reward_kwargs):
+    return _route(data_source)(data_source, solution_str, ground_truth, extra_info, **reward_kwargs)
+
+
+# One entry point for a mixed dataset: each sample goes to the reward its ``data_source`` prefix
+# names (``llm_judge*`` → the LLM judge, ``embedding*`` → embedding similarity), anything else to
+# verl's own default scorer; single and batched forms, as the other entry points.
+compute_score = verl_entry(_route_one, _route_batch, "compute_score")
