@@ -38,17 +38,28 @@ PROMPTS = {
 }
 
 
-def item_error(item) -> str | None:
-    """Why an item cannot be scored, or ``None``."""
+def item_error(item, max_answers: int = 32, max_text_chars: int = 2000) -> str | None:
+    """Why an item cannot be scored, or ``None``. The sizes that drive cost (the question's and
+    each answer's length, the number of answers) are checked here, before any model work.
+
+    >>> item_error({"question": "why " * 1000, "answers": ["a"]})
+    '`question` has 4000 characters, more than the 2000 allowed'
+    """
     if not isinstance(item, dict):
         return f"an item must be an object with question, context and answers, got {type(item).__name__}"
     if not isinstance(item.get("question"), str) or not item["question"].strip():
         return "`question` must be a non-empty string"
+    if len(item["question"]) > max_text_chars:
+        return f"`question` has {len(item['question'])} characters, more than the {max_text_chars} allowed"
     if not isinstance(item.get("context", ""), str):
         return "`context` must be a string"
     answers = item.get("answers")
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
         return "`answers` must be a non-empty list of non-empty strings"
+    if len(answers) > max_answers:
+        return f"{len(answers)} answers, more than the {max_answers} allowed"
+    if max(len(a) for a in answers) > max_text_chars:
+        return f"an answer is longer than the {max_text_chars} characters allowed"
     return None
 
 
@@ -64,6 +75,8 @@ class InfoGainEngine:
         metric: ``score`` (ΔIG of the estimator) or ``entropy`` (reduction of semantic entropy).
         seed: re-seeds sampling at every generate call, so the same items give the same samples
             in any process (served and in-process scores agree).
+        max_answers, max_text_chars: per-item limits (answers; characters of the question and of
+            each answer), refused in the item's error before any model work.
         Other args: the InfoGain reference service's ``IG_*`` settings.
     """
 
@@ -82,6 +95,8 @@ class InfoGainEngine:
         strictness: str = "strict",
         metric: str = "score",
         seed: int | None = None,
+        max_answers: int = 32,
+        max_text_chars: int = 2000,
     ):
         if prompt_type not in PROMPTS:
             raise ValueError(f"unknown prompt_type {prompt_type!r}; choose one of {', '.join(PROMPTS)}")
@@ -95,6 +110,7 @@ class InfoGainEngine:
         )
         self.max_context_words, self.prompt = max_context_words, PROMPTS[prompt_type]
         self.chat = prompt_type == "chat"
+        self.max_answers, self.max_text_chars = max_answers, max_text_chars
         self.sub_batch_size, self.chunk_size = sub_batch_size, computation_chunk_size
         self.estimator, self.strictness, self.metric = estimator, strictness, metric
 
@@ -117,7 +133,9 @@ class InfoGainEngine:
         """The brief-answer prompt, with the context cut to ``max_context_words`` words."""
         block = ""
         if context:
-            block = "Context: " + " ".join(context.split()[: self.max_context_words]) + "\n"
+            # Words, then characters: one enormous "word" must not slip through either.
+            kept = " ".join(context.split()[: self.max_context_words])[: self.max_context_words * 16]
+            block = "Context: " + kept + "\n"
         return self.prompt.format(context=block, question=question.strip())
 
     def sample(self, prompts: Sequence[str]) -> list[list]:
@@ -134,7 +152,8 @@ class InfoGainEngine:
 
     def compute(self, items: Sequence) -> list[dict]:
         """One ``{"score", "error", "details"}`` per item, in order."""
-        results: list[dict] = [{"score": None, "error": item_error(it), "details": None} for it in items]
+        errors = [item_error(it, self.max_answers, self.max_text_chars) for it in items]
+        results: list[dict] = [{"score": None, "error": error, "details": None} for error in errors]
         valid = [i for i, r in enumerate(results) if r["error"] is None]
         prompts = [
             p

@@ -122,6 +122,8 @@ def test_context_is_cut_to_max_context_words():
     engine = InfoGainEngine(ScriptedGenerator([], []), ExactEntailment(), max_context_words=3)
     prompt = engine.prompt_for("Q?", "one two three four five")
     assert "Context: one two three\n" in prompt and "four" not in prompt
+    giant = engine.prompt_for("Q?", "x" * 100_000)  # one enormous "word" is cut too
+    assert "Context: " + "x" * 48 + "\n" in giant
 
 
 def test_tiny_nli_reads_the_label_order_from_its_config():

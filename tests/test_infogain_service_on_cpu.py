@@ -188,3 +188,18 @@ def test_verl_entry_point_reads_the_seed_env(ig_server, monkeypatch):
         assert batched == [pytest.approx(single)] and single != 1.0  # EM 1 plus a non-zero IG term
     finally:
         verl_rewards._reward.cache_clear()
+
+
+def test_costly_items_are_refused_before_any_model_work(ig_server):
+    hostile = [
+        {"question": "why " * 200000, "context": "", "answers": ["a"]},  # 800 KB question
+        {"question": "q?", "context": "", "answers": [f"a{i}" for i in range(2000)]},
+        {"question": "q?", "context": "", "answers": ["x" * 5000]},
+    ]
+    started = time.monotonic()
+    body = httpx.post(f"{ig_server.url}/compute_info_gain", json={"items": hostile}, timeout=60).json()
+    assert time.monotonic() - started < 10
+    assert body["scores"] == [None, None, None]
+    assert "800000 characters" in body["errors"][0] and "2000 answers" in body["errors"][1]
+    assert "longer than" in body["errors"][2]
+    assert httpx.get(f"{ig_server.url}/health").json()["status"] == "healthy"
