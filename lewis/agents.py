@@ -69,6 +69,7 @@ class ListenerEngine(_VLMPlayer):
         batch_size: (image, question) pairs per model call (``LISTENER_BATCH_SIZE``).
         image_roots: folders candidate paths may point into.
         yes_token / no_token: the answer words whose logits are compared.
+        max_candidates, max_question_chars: per-item limits, refused (400) before any image is read.
     """
 
     def __init__(
@@ -79,9 +80,12 @@ class ListenerEngine(_VLMPlayer):
         image_roots: Sequence[str] = (),
         yes_token: str = "yes",
         no_token: str = "no",
+        max_candidates: int = 64,
+        max_question_chars: int = 4000,
     ):
         super().__init__(model, gpus, image_roots)
         self.batch_size = max(1, int(batch_size))
+        self.limits = (int(max_candidates), int(max_question_chars))
         tok = self.processor.tokenizer
         self.yes_id, self.no_id = (tok.encode(w, add_special_tokens=False)[0] for w in (yes_token, no_token))
 
@@ -105,7 +109,7 @@ class ListenerEngine(_VLMPlayer):
     def batch_score(self, batch: Sequence[Mapping]) -> dict:
         """``{results: [{yes_probabilities, predicted_index, topk_indices}], took}`` for the reference batch items."""
         started = time.perf_counter()
-        items = [_score_item(i, item) for i, item in enumerate(batch)]
+        items = [_score_item(i, item, *self.limits) for i, item in enumerate(batch)]
         images, questions = [], []
         for paths, question, _topk in items:
             images.extend(self.images.load(p) for p in paths)
@@ -125,12 +129,16 @@ class ListenerEngine(_VLMPlayer):
         return self.batch_score([item])["results"][0]
 
 
-def _score_item(index: int, item: Mapping) -> tuple[list[str], str, int]:
+def _score_item(index: int, item: Mapping, max_candidates: int, max_question_chars: int) -> tuple[list[str], str, int]:
     paths, question, topk = item.get("candidate_paths"), item.get("question"), item.get("topk", 1)
     if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
         raise APIError(400, f"item {index}: candidate_paths must be a non-empty list of strings")
+    if len(paths) > max_candidates:
+        raise APIError(400, f"item {index}: {len(paths)} candidate_paths, more than the {max_candidates} allowed")
     if not isinstance(question, str) or not question.strip():
         raise APIError(400, f"item {index}: question must be a non-empty string")
+    if len(question) > max_question_chars:
+        raise APIError(400, f"item {index}: question longer than the {max_question_chars} characters allowed")
     if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= len(paths):
         raise APIError(400, f"item {index}: topk must be an integer between 1 and {len(paths)}")
     return paths, question, topk

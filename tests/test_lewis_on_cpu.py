@@ -117,6 +117,8 @@ def test_image_roots_and_bad_input(listener, games, tmp_path):
         ({"candidate_paths": [], "question": "q"}, 400, "candidate_paths"),
         ({"candidate_paths": game["candidates"]}, 400, "question"),
         ({"candidate_paths": ["data:image/png;base64,!!!"], "question": "q"}, 400, "base64"),
+        ({"candidate_paths": ["x.png"] * 10_000, "question": "q"}, 400, "more than the 64 allowed"),
+        ({"candidate_paths": game["candidates"], "question": "q" * 1_000_000}, 400, "4000 characters"),
     ]
     for body, status, word in bad:
         answer = httpx.post(f"{url}/score", json=body)
