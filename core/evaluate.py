@@ -14,12 +14,12 @@ from collections import defaultdict
 from importlib.resources import files
 from pathlib import Path
 
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from rich.console import Console
 from rich.table import Table
 
 from core.rewards import FAILURE_KEYS, RewardSample
+from core.tasks import job_overrides
 from core.tracking import open_tracker
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def _table(title: str, first: str, rows: list[tuple[str, dict]], names: list[str
 
 def run(cfg) -> dict:
     """Entry point of ``python run.py`` (the default task)."""
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    out_dir = Path(cfg.paths.output_dir)
     rows = load_rows(cfg.evaluation.path, cfg.evaluation.limit)
     samples = [
         RewardSample(
@@ -91,7 +91,7 @@ def run(cfg) -> dict:
         final = {
             "final_reward": summary["mean"]["total"],
             "steps": 0,
-            "overrides": list(HydraConfig.get().overrides.task),
+            "overrides": job_overrides(),
             "components": {f"reward/{k}": v for k, v in summary["mean"].items()},
         }
         (out_dir / "final.json").write_text(json.dumps(final, indent=2))

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import matplotlib
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
@@ -33,6 +32,7 @@ from transformers import ProgressCallback, TrainerCallback
 from core.layout import Layout, launch_command, layout_for, needs_launcher, write_launch_files
 from core.models import build_causal_lm, device_for, load_tokenizer
 from core.rewards import FAILURE_KEYS, RewardMix, as_text, trl_reward_func
+from core.tasks import job_overrides
 from core.tracking import open_tracker
 
 matplotlib.use("Agg")
@@ -230,7 +230,7 @@ def train(cfg, build) -> dict:
     train dataset, ``RewardMix``); it runs only in a process that trains (with ``gpus > 1``, after
     the relaunch under accelerate, on every rank). The rest of ``cfg``: ``trainer``, ``lora``,
     ``resume``, ``checkpoints``, ``logger``, ``deepspeed``, ``gpus``, ``seed``."""
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir = Path(cfg.paths.output_dir)
     layout = layout_for(int(cfg.gpus), cfg.deepspeed.config)
     if needs_launcher(layout):
         return _relaunch(layout, run_dir)
@@ -283,7 +283,7 @@ def _finish(cfg, run_dir: Path, rows: list[dict], mix: RewardMix) -> dict:
         "final_reward": sum(r["reward/total"] for r in tail) / len(tail) if tail else None,
         "components": {k: v for k, v in (rows[-1] if rows else {}).items() if k.startswith("reward/")},
         "failures": mix.stats(),
-        "overrides": list(HydraConfig.get().overrides.task),
+        "overrides": job_overrides(),
         "device": "cuda" if torch.cuda.is_available() and int(cfg.gpus) > 0 else "cpu",
     }
     (run_dir / "final.json").write_text(json.dumps(final, indent=2))

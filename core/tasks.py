@@ -27,3 +27,14 @@ def run_task(cfg: DictConfig):
     logging.getLogger("httpx").setLevel(logging.WARNING)
     task = get_method(cfg.task._target_)
     return task(cfg)
+
+
+def job_overrides() -> list[str]:
+    """The command-line overrides of the running Hydra job (recorded for sweep summaries), or
+    none when a task runs from Python with a composed config."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # no Hydra job: the config was composed in code
+        return []

@@ -62,16 +62,6 @@ class OneSentence:
         return out
 
 
-def _run_dir_log() -> Path | None:
-    """``lewis_predictions.jsonl`` in the Hydra run dir, or ``None`` outside a Hydra job."""
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        return Path(HydraConfig.get().runtime.output_dir) / "lewis_predictions.jsonl"
-    except ValueError:
-        return None
-
-
 class ListenerAccuracy:
     """1.0 when the listener's ``predicted_index`` is the game's target, from the speaker's description.
 
@@ -79,15 +69,15 @@ class ListenerAccuracy:
     retried). Results are cached by (description, candidates): the same question is never asked
     twice, and with several ranks each rank's new results are shared with all (the Lewis reference scripts'
     distributed cache). A listener failure scores 0.0, is counted and logged; training goes on.
-    Every call appends its predictions to ``log_path`` (JSON lines; the Lewis reference scripts' ``LOG_PATH``; default:
-    ``lewis_predictions.jsonl`` in the Hydra run dir).
+    Every call appends its predictions to ``log_path`` when one is given (JSON lines; the Lewis
+    reference scripts' ``LOG_PATH``; the configs default it to the run dir).
     """
 
     name = "accuracy"
 
     def __init__(self, listener, question: str = QUESTION, log_path: str | None = None, cache_size: int = 100_000):
         self.listener, self.question = listener, question
-        self.log_path = Path(log_path) if log_path else _run_dir_log()
+        self.log_path = Path(log_path) if log_path else None
         self.cache = LRUCache(cache_size)
         self.calls = 0
         self.stats = {"listener_items": 0, "cache_hits": 0, "requests_failed": 0}

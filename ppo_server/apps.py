@@ -28,7 +28,6 @@ from collections import OrderedDict
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from pydantic import BaseModel, ConfigDict
@@ -216,7 +215,7 @@ def value_app(service: ValueService, settings: ServerSettings) -> FastAPI:
 
 def _service(cfg, cls):
     settings = OmegaConf.to_container(cfg.ppo.service, resolve=True)
-    return cls(instantiate(cfg.ppo.engine), **settings, output_dir=HydraConfig.get().runtime.output_dir)
+    return cls(instantiate(cfg.ppo.engine), **settings, output_dir=cfg.paths.output_dir)
 
 
 def run_policy(cfg) -> None:

@@ -24,8 +24,9 @@ def options(group: str) -> list[str]:
 
 
 def composed(*overrides: str):
+    """The real config, composed in code (no Hydra job: the run dir is set, as a caller from Python would)."""
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+        return compose("config", overrides=["paths.output_dir=outputs/composed", *overrides])
 
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
@@ -66,6 +67,16 @@ def test_local_reward_mix_and_service_engines_instantiate():
     engine = instantiate(composed("service=llm_judge").engine)
     assert engine.name == "HuggingFaceTB/SmolLM2-135M-Instruct" and engine.device.type == "cpu"
     assert not engine.random_weights
+
+
+def test_a_task_runs_in_process_from_a_composed_config(tmp_path):
+    from core.tasks import run_task
+
+    cfg = composed("eval=rewards", "reward=exact_match", "logger=none", f"paths.output_dir={tmp_path}")
+    summary = run_task(cfg)
+    assert summary["by_kind"]["exact"]["exact_match"] == 1.0
+    assert json.loads((tmp_path / "final.json").read_text())["overrides"] == []  # no Hydra job
+    assert len((tmp_path / "scores.jsonl").read_text().splitlines()) == summary["n"]
 
 
 def test_judge_defaults_fit_real_judges():

@@ -257,7 +257,7 @@ def test_inference_variables_set_the_gate_and_a_waiting_request_gets_503(monkeyp
     monkeypatch.setenv("INFERENCE_ACQUIRE_TIMEOUT", "7")
     monkeypatch.setenv("LISTENER_BATCH_SIZE", "9")
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["service=listener"])
+        cfg = compose("config", overrides=["service=listener", f"paths.output_dir={shapes_root}"])
     OmegaConf.resolve(cfg)
     assert (cfg.server.max_concurrency, cfg.server.acquire_timeout_s, cfg.engine.batch_size) == (3, 7, 9)
 
