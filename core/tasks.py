@@ -20,8 +20,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# The groups that each pick what runs; exactly one of them may be chosen.
+TASK_GROUPS = ("train", "eval", "service", "check", "launch")
+
+
+def check_one_task(cfg: DictConfig) -> None:
+    """Refuse a config that names two tasks (``train=speaker service=listener``): each task option
+    records itself under ``tasks:``, and a service, evaluation, check or launch drops the default
+    ``train=grpo``, so exactly one entry is left when the choice is unambiguous."""
+    chosen = dict(cfg.get("tasks") or {})
+    if len(chosen) != 1:
+        named = ", ".join(f"{group}={option}" for group, option in chosen.items()) or "none"
+        raise ValueError(f"choose exactly one task with one of {', '.join(g + '=' for g in TASK_GROUPS)} (got {named})")
+
+
 def run_task(cfg: DictConfig):
     """Seed, then hand the whole config to the task function (no name-based dispatch)."""
+    check_one_task(cfg)
     seed_everything(int(cfg.seed))
     # One INFO line per HTTP request (httpx's default) drowns the run log of a client-heavy task.
     logging.getLogger("httpx").setLevel(logging.WARNING)

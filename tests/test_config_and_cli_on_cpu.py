@@ -69,6 +69,18 @@ def test_local_reward_mix_and_service_engines_instantiate():
     assert not engine.random_weights
 
 
+def test_exactly_one_task_runs_and_services_compose_no_training_settings():
+    from core.tasks import check_one_task
+
+    for task in ("service=embedding", "service=policy", "eval=rewards", "check=judge", "launch=vllm"):
+        cfg = composed(task)
+        assert "trainer" not in cfg and "lora" not in cfg, task
+        check_one_task(cfg)
+    check_one_task(composed())  # the quickstart: train=grpo
+    with pytest.raises(ValueError, match="got train=speaker, service=listener"):
+        check_one_task(composed("train=speaker", "service=listener"))
+
+
 def test_a_task_runs_in_process_from_a_composed_config(tmp_path):
     from core.tasks import run_task
 
