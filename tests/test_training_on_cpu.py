@@ -86,6 +86,7 @@ def test_smoke_run_logs_every_reward_component(tmp_path):
     assert "RANDOM weights" in result.stdout  # the tiny judge says so
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_latest_checkpoint(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     common = [SMOKE, "logger=none", "reward=exact_match", "trainer.save_steps=2", "trainer.save_total_limit=1"]
@@ -191,6 +192,7 @@ def test_reward_server_dying_mid_run_does_not_stop_training(tmp_path):
     assert "falling back to lexical similarity" in out
 
 
+@pytest.mark.slow
 def test_multirun_of_four_jobs_writes_their_dirs_and_a_summary(tmp_path):
     result = run_cli(
         "-m",
