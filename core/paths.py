@@ -9,12 +9,17 @@ from pathlib import Path
 from core.errors import APIError
 
 
-def resolve_under(ref: str, roots: Sequence[str | Path], what: str, kind: str = "", hint: str = "") -> Path:
-    """The real path of ``ref`` (``~``, ``..`` and symlinks resolved) when it lies under one of
-    ``roots``: 400 for a NUL byte or a name the file system refuses, 403 outside the roots
-    (``kind`` names the roots in the message, ``hint`` follows it).
+def real_roots(roots: Sequence[str | Path]) -> list[Path]:
+    """The folders ``roots`` name, resolved (``~`` and symlinks), for ``resolve_under``."""
+    return [Path(root).expanduser().resolve() for root in roots]
 
-    >>> resolve_under("/tmp/../etc/passwd", ["/tmp"], "dataset_path", "dataset")
+
+def resolve_under(ref: str, roots: Sequence[Path], what: str, kind: str = "", hint: str = "") -> Path:
+    """The real path of ``ref`` (``~``, ``..`` and symlinks resolved) when it lies under one of
+    ``roots`` (already resolved: ``real_roots``): 400 for a NUL byte or a name the file system
+    refuses, 403 outside the roots (``kind`` names the roots in the message, ``hint`` follows it).
+
+    >>> resolve_under("/tmp/../etc/passwd", real_roots(["/tmp"]), "dataset_path", "dataset")
     Traceback (most recent call last):
     core.errors.APIError: dataset_path '/tmp/../etc/passwd' is outside the allowed dataset roots
     """
@@ -22,10 +27,9 @@ def resolve_under(ref: str, roots: Sequence[str | Path], what: str, kind: str = 
         raise APIError(400, f"{what} contains a NUL byte")
     try:
         real = Path(ref).expanduser().resolve()
-        allowed = [Path(root).expanduser().resolve() for root in roots]
     except (OSError, RuntimeError) as exc:  # e.g. a symlink loop
         raise APIError(400, f"{what} {ref[:200]!r} is not a usable path: {exc}") from None
-    if not any(real.is_relative_to(root) for root in allowed):
+    if not any(real.is_relative_to(root) for root in roots):
         raise APIError(403, f"{what} {ref[:200]!r} is outside the allowed {kind + ' ' if kind else ''}roots{hint}")
     return real
 

@@ -71,7 +71,7 @@ class LLMJudgeReward:
             name = info.get("model_name")
             if not name or not isinstance(self.generator, GenerationClient):  # one model in process
                 return self.generator
-            key = (self.generator.url, None, None, name)
+            key = ("configured server", name)  # never equal to a server_url key below
             if key not in self._clients:
                 self._clients[key] = self.generator.for_model(name)
             return self._clients[key]

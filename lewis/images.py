@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from core.cache import LRUCache
 from core.errors import APIError
-from core.paths import is_file, resolve_under
+from core.paths import is_file, real_roots, resolve_under
 
 DATA_URI_PREFIX = "data:image/"
 
@@ -46,7 +46,7 @@ class ImageStore:
     """Opens images by path (only under ``roots``) or from data URIs, as RGB ``PIL`` images."""
 
     def __init__(self, roots: Sequence[str | Path] = (), cache_size: int = 1024):
-        self.roots = list(roots)
+        self.roots = real_roots(roots)  # once: every image load checks against them
         self._cache = LRUCache(cache_size)
 
     def load(self, ref: str) -> Image.Image:

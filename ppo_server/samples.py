@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import APIError
-from core.paths import is_file, resolve_under
+from core.paths import is_file, real_roots, resolve_under
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def resolve_dataset_path(path: str, roots: Sequence[str | Path]) -> Path:
     """The real path of ``path`` if it lies under one of ``roots`` (symlinks resolved), else 403."""
     if not roots:
         raise APIError(403, "dataset_path is disabled: no dataset roots are configured on this server")
-    real = resolve_under(path, roots, "dataset_path", "dataset")
+    real = resolve_under(path, real_roots(roots), "dataset_path", "dataset")
     if not is_file(real, "dataset_path"):
         raise APIError(400, f"dataset_path {path!r} is not a file")
     return real
