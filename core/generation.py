@@ -53,6 +53,11 @@ class Completion:
     mean_logprob: float | None = None
     logprobs: list[TokenLogprob] | None = None
 
+    def set_logprobs(self, tokens: list[TokenLogprob]) -> None:
+        """Attach the tokens' log-probabilities; their mean becomes ``mean_logprob`` (0.0 for none)."""
+        self.logprobs = tokens
+        self.mean_logprob = sum(t.logprob for t in tokens) / len(tokens) if tokens else 0.0
+
 
 def cut_at_stop(text: str, stop: Sequence[str] | None) -> tuple[str, str | None]:
     """Cut ``text`` at the earliest occurrence of any stop string; return the text and that string."""
@@ -78,8 +83,8 @@ def apply_stop(completion: Completion, stop: Sequence[str] | None) -> Completion
                 break
             kept.append(token)
             at += len(token.token)
-        cut.logprobs, cut.completion_tokens = kept, len(kept)
-        cut.mean_logprob = sum(t.logprob for t in kept) / len(kept) if kept else 0.0
+        cut.set_logprobs(kept)
+        cut.completion_tokens = len(kept)
     return cut
 
 
@@ -210,8 +215,7 @@ class GenerationEngine:
             if token_logprobs is not None:
                 # Only the generated tokens up to and including the end id count, never padding.
                 values = token_logprobs[row, :length].tolist()
-                completion.mean_logprob = sum(values) / length
-                completion.logprobs = self._token_logprobs(recorder, row, ids[:length], values)
+                completion.set_logprobs(self._token_logprobs(recorder, row, ids[:length], values))
             completions.append(completion)
         groups = [completions[i * per_prompt : (i + 1) * per_prompt] for i in range(len(prompts))]
         return [group * (params.n // per_prompt) for group in groups]

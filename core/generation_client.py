@@ -36,15 +36,15 @@ def _completion(choice: dict, tokens: int) -> Completion:
     if text is None:
         text = (choice.get("message") or {}).get("content") or ""
     stop_reason = choice.get("stop_reason")
-    logprobs = _token_logprobs(choice.get("logprobs"))
-    return Completion(
-        text,
-        choice.get("finish_reason") or "stop",
-        tokens,
-        stop_reason if isinstance(stop_reason, str) else None,
-        sum(t.logprob for t in logprobs) / len(logprobs) if logprobs else None,
-        logprobs,
+    completion = Completion(
+        text, choice.get("finish_reason") or "stop", tokens, stop_reason if isinstance(stop_reason, str) else None
     )
+    logprobs = _token_logprobs(choice.get("logprobs"))
+    if logprobs:
+        completion.set_logprobs(logprobs)
+    elif logprobs is not None:
+        completion.logprobs = logprobs
+    return completion
 
 
 def _choices_by_prompt(body: dict, n_prompts: int, n: int) -> list[list[Completion]]:
