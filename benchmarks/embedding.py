@@ -24,12 +24,12 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import best_time, report  # noqa: E402
-from core.http import chunks  # noqa: E402
-from core.local_server import ROOT, LocalServer  # noqa: E402
-from core.models import MINILM_ID, resolve_path  # noqa: E402
-from core.rewards import RewardSample  # noqa: E402
-from judges.embedding_client import EmbeddingClient  # noqa: E402
-from judges.embedding_engine import EmbeddingEngine  # noqa: E402
+from core.models.embedding_client import EmbeddingClient  # noqa: E402
+from core.models.embedding_engine import EmbeddingEngine  # noqa: E402
+from core.models.loading import MINILM_ID, resolve_path  # noqa: E402
+from core.rewards.base import RewardSample  # noqa: E402
+from core.serving.http import chunks  # noqa: E402
+from core.serving.local_server import ROOT, LocalServer  # noqa: E402
 from judges.embedding_reward import EmbeddingSimilarityReward  # noqa: E402
 
 INFINITY = ROOT / ".bench-venvs" / "infinity" / "bin" / "infinity_emb"

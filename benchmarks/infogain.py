@@ -23,7 +23,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import report  # noqa: E402
-from core.local_server import LocalServer  # noqa: E402
+from core.serving.local_server import LocalServer  # noqa: E402
 
 COMMON = ["model=tiny_lm", "ig.num_generations=10", "ig.max_new_tokens=16", "server.max_concurrency=16", "logger=none"]
 CAPITALS = {
@@ -54,7 +54,7 @@ class RepeatingAnswers:
     """Generator plug-in: 10 samples per prompt drawn like a real model's short answers."""
 
     def complete(self, prompts, params, stop=None):
-        from core.generation import Completion
+        from core.models.generation import Completion
 
         pool = ["Paris", "Paris", "Paris", "paris", "Paris.", "Lyon", "Paris", "Marseille", "Paris", "Lyon"]
         return [
@@ -68,7 +68,7 @@ def pairs_checked(items: list[dict]) -> tuple[int, int]:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from core.local_server import ROOT
+    from core.serving.local_server import ROOT
     from infogain.engine import InfoGainEngine
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):

@@ -16,9 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import report  # noqa: E402
-from core.generation import SamplingParams  # noqa: E402
-from core.generation_client import GenerationClient  # noqa: E402
-from core.local_server import LocalServer  # noqa: E402
+from core.models.generation import SamplingParams  # noqa: E402
+from core.models.generation_client import GenerationClient  # noqa: E402
+from core.serving.local_server import LocalServer  # noqa: E402
 
 
 def throughput(server: LocalServer, requests: int, params: SamplingParams) -> tuple[float, float]:

@@ -20,7 +20,7 @@ import httpx  # noqa: E402
 
 from benchmarks.common import best_time, report  # noqa: E402
 from benchmarks.training import step_seconds, train  # noqa: E402
-from core.local_server import LocalServer  # noqa: E402
+from core.serving.local_server import LocalServer  # noqa: E402
 from lewis.data import load_games, make_shapes  # noqa: E402
 from lewis.rewards import QUESTION  # noqa: E402
 

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
 
 from benchmarks.common import report  # noqa: E402
-from core.local_server import LocalServer  # noqa: E402
-from ppo_server.client import PolicyClient  # noqa: E402
+from core.serving.local_server import LocalServer  # noqa: E402
+from ppo_server.clients import PolicyClient  # noqa: E402
 
 
 def queued(client: PolicyClient, questions: list[str], poll_latencies: list[float]) -> float:
@@ -69,8 +69,8 @@ def main() -> None:
             tmp,
             "service=policy",
             "model=tiny_lm",
-            f"ppo.service.queue.num_samples={args.samples}",
-            f"ppo.service.queue.max_output_length={args.max_output_length}",
+            f"policy.queue.num_samples={args.samples}",
+            f"policy.queue.max_output_length={args.max_output_length}",
         ) as server,
     ):
         client = PolicyClient(server.url)

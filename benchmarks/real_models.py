@@ -35,8 +35,8 @@ def judge_by_kind() -> tuple[dict[str, float], int, int]:
     """Mean judge score per kind of the bundled sample, parse failures, and the sample size."""
     from hydra.utils import instantiate
 
-    from core.evaluate import load_rows
-    from core.rewards import RewardSample
+    from core.rewards.base import RewardSample
+    from core.training.evaluate import load_rows
 
     rows = load_rows(None)
     judge = instantiate(composed("reward=llm_judge").reward).components["llm_judge"][0]
@@ -51,7 +51,7 @@ def infogain_by_context(n_items: int, generations: int) -> tuple[float, float, f
     """Mean ΔIG with helpful and with unrelated contexts, and the seconds it took."""
     from hydra.utils import instantiate
 
-    engine = instantiate(composed(f"ig.num_generations={generations}", "ig.max_new_tokens=24", "seed=0").ig.backend)
+    engine = instantiate(composed(f"ig.num_generations={generations}", "ig.max_new_tokens=24", "seed=0").ig)
     rows = [json.loads(line) for line in (ROOT / "infogain/data/helpful_vs_unrelated.jsonl").read_text().splitlines()]
     rows = rows[:n_items]
     items = [

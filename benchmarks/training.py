@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import report  # noqa: E402
-from core.local_server import ROOT, LocalServer  # noqa: E402
+from core.serving.local_server import ROOT, LocalServer  # noqa: E402
 
 
 def step_seconds(run_dir: Path, completions_per_step: int) -> float:
@@ -66,8 +66,8 @@ def main() -> None:
                     f"judge.url={judge.url}",
                     "embedder=remote",
                     f"embedder.url={emb.url}",
-                    "judge.mode=logprobs",
-                    "judge.prompt_template=yes_no",
+                    "judging.mode=logprobs",
+                    "judging.prompt_template=yes_no",
                 )
                 served = min(served, step_seconds(tmp / f"served{round_}", per_step))
     report(

@@ -1,1 +1,3 @@
-"""Shared kit: app factory, micro-batcher, HTTP client, models, rewards."""
+"""What every domain package shares, in four layers: ``serving`` (the server kit), ``models``
+(loading and text generation), ``rewards`` (reward protocol, mix, verl/TRL adapters) and
+``training`` (the GRPO recipe); ``tasks`` runs the task a composed config names."""

@@ -13,15 +13,12 @@ the in-process engine; the routes are the same.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from fastapi import FastAPI
-from hydra.utils import instantiate
 from pydantic import BaseModel
 
-from core.app import ServerSettings, add_batcher, check_batch_size, create_app
-from core.serving import serve
+from core.serving.app import ServerSettings, add_batcher, check_batch_size, create_app
 
 log = logging.getLogger(__name__)
 
@@ -50,41 +47,3 @@ def infogain_app(engine, settings: ServerSettings, max_batch_size: int = 64, max
         }
 
     return app
-
-
-def gpus_for(gpus: int, device: str | None) -> int:
-    """GPUs the service uses: ``gpus`` (IG_NUM_GPUS), or one when only a GPU ``device`` (IG_DEVICE)
-    is named, as the reference service's environment recipe does.
-
-    >>> gpus_for(0, "cuda:1"), gpus_for(0, None), gpus_for(4, "cuda:0"), gpus_for(0, "cpu")
-    (1, 0, 4, 0)
-    """
-    if gpus == 0 and device and str(device).startswith("cuda"):
-        return 1
-    return gpus
-
-
-def run(cfg) -> None:
-    """Entry point of ``python run.py service=infogain``."""
-    if cfg.ig.model_path:  # IG_MODEL_PATH, as the InfoGain reference service reads it
-        cfg.model.name_or_path = cfg.ig.model_path
-    cfg.gpus = gpus_for(int(cfg.gpus), cfg.ig.device)
-    workers = int(cfg.ig.workers) or max(1, int(cfg.gpus))
-    if workers > 1:
-        from infogain.workers import WorkerPool
-
-        engine = WorkerPool(
-            cfg.engine,
-            workers,
-            gpus_per_worker=1 if int(cfg.gpus) > 0 else 0,
-            call_timeout_s=float(cfg.ig.worker_timeout_s),
-        )
-    else:
-        if cfg.ig.device and int(cfg.gpus) > 0:  # IG_DEVICE=cuda:N picks the GPU in single-GPU mode
-            import torch
-
-            torch.cuda.set_device(cfg.ig.device)
-        engine = instantiate(cfg.engine)
-    settings = ServerSettings.from_config(cfg.server)
-    log.info("infogain: %d worker(s), pid %d", workers, os.getpid())
-    serve(infogain_app(engine, settings, **cfg.batching), settings)

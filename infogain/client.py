@@ -1,7 +1,8 @@
-"""``IGClient``: the InfoGain service over HTTP, with the engine's ``compute`` signature.
+"""``InfoGainClient``: the InfoGain service over HTTP, with the engine's ``compute`` signature.
 
-Defaults come from the InfoGain reference service's variables: ``IG_SERVICE_URL``, ``IG_BATCH_SIZE`` (512 items per
-request) and ``IG_TIMEOUT`` (120 s). When the service cannot answer, ``fallback`` decides:
+``ig=remote`` fills its settings from the InfoGain reference service's variables
+(``IG_SERVICE_URL``, ``IG_BATCH_SIZE``, ``IG_TIMEOUT``, ``IG_API_KEY``). When the service cannot
+answer, ``fallback`` decides:
 ``local`` computes in this process with an engine built from ``local`` (a config node, built
 on first need), ``zero`` scores 0.0 with the reason in ``error``, ``raise`` raises ``ServiceError``.
 """
@@ -9,22 +10,21 @@ on first need), ``zero`` scores 0.0 with the reason in ``error``, ``raise`` rais
 from __future__ import annotations
 
 import logging
-import os
 
-from core.errors import ServiceError
-from core.http import HTTPClient, chunks
+from core.serving.errors import ServiceError
+from core.serving.http import HTTPClient, chunks
 
 log = logging.getLogger(__name__)
 
 
-class IGClient:
+class InfoGainClient:
     """InfoGain over HTTP (``POST /compute_info_gain``), chunked, retried, with a fallback."""
 
     def __init__(
         self,
-        url: str | None = None,
-        batch_size: int | None = None,
-        timeout: float | None = None,
+        url: str = "http://127.0.0.1:8000",
+        batch_size: int = 512,
+        timeout: float = 120.0,
         api_key: str | None = None,
         max_retries: int = 3,
         fallback: str = "zero",
@@ -34,9 +34,7 @@ class IGClient:
             raise ValueError(f"fallback must be local, zero or raise, got {fallback!r}")
         if fallback == "local" and local is None:
             raise ValueError("fallback=local needs a local engine (or its config)")
-        url = url or os.environ.get("IG_SERVICE_URL", "http://127.0.0.1:8000")
-        self.batch_size = int(batch_size or os.environ.get("IG_BATCH_SIZE", 512))
-        timeout = float(timeout or os.environ.get("IG_TIMEOUT", 120))
+        self.batch_size = int(batch_size)
         self.http = HTTPClient(url, api_key=api_key, timeout=timeout, max_retries=max_retries)
         self.fallback, self._local = fallback, local
         self.stats = {"items": 0, "requests_failed": 0, "fallback_items": 0}

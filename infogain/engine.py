@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from core.generation import SamplingParams
+from core.models.generation import SamplingParams
+from core.models.protocols import TextGenerator
 from infogain.entailment import PairCache
 from infogain.measure import (
     ConditionResult,
@@ -68,7 +69,7 @@ class InfoGainEngine:
 
     Args:
         generator: anything with ``complete(prompts, SamplingParams) -> [[Completion]]`` that fills
-            ``mean_logprob`` (``core.generation.GenerationEngine``).
+            ``mean_logprob`` (``core.models.generation_engine.GenerationEngine``).
         entailment: a scorer with ``probs(pairs)`` (``infogain.entailment``).
         estimator: ``soft`` (the reference's score) or ``hard`` (cluster weights).
         strictness: ``strict`` or ``loose`` bidirectional entailment, for clustering.
@@ -82,7 +83,7 @@ class InfoGainEngine:
 
     def __init__(
         self,
-        generator,
+        generator: TextGenerator,
         entailment,
         num_generations: int = 10,
         temperature: float = 1.0,

@@ -18,8 +18,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from core.builtin_rewards import normalize_answer
-from core.models import device_for, has_random_weights, load_kwargs, model_path, packaged_tokenizer
+from core.models.loading import device_for, has_random_weights, load_kwargs, model_path, packaged_tokenizer
+from core.models.protocols import Embedder
+from core.rewards.builtin import normalize_answer
 from infogain.measure import CONTRADICT, ENTAIL
 
 Pair = tuple[str, str]
@@ -88,7 +89,7 @@ class NLIEntailment:
 class EmbeddingEntailment:
     """P(x ⇒ y) = (cos(e(x), e(y)) + 1) / 2, the rest contradiction; symmetric by construction."""
 
-    def __init__(self, embedder):
+    def __init__(self, embedder: Embedder):
         self.embedder = embedder
 
     def probs(self, pairs: Sequence[Pair]) -> np.ndarray:

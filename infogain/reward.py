@@ -4,7 +4,7 @@
 
 where the context is the concatenation of the completion's ``<information>…</information>``
 blocks; a completion that retrieved nothing gets no IG term. ``scorer`` is an
-``InfoGainEngine`` (in-process) or an ``IGClient`` (the service): same ``compute``.
+``InfoGainEngine`` (in-process) or an ``InfoGainClient`` (the service): same ``compute``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from core.builtin_rewards import extract_answer, normalize_answer
-from core.rewards import RewardSample, references
+from core.rewards.base import RewardSample, references
+from core.rewards.builtin import extract_answer, normalize_answer
+from infogain.protocols import InfoGainScorer
 
 _INFORMATION = re.compile(r"<information>(.*?)</information>", re.DOTALL | re.IGNORECASE)
 
@@ -31,8 +32,9 @@ class QAExactMatchIG:
     """Exact match of the final answer plus weighted information gain of what was retrieved."""
 
     name = "qa_em_ig"
+    failure_keys = ("ig_errors",)
 
-    def __init__(self, scorer, ig_weight: float = 0.6):
+    def __init__(self, scorer: InfoGainScorer, ig_weight: float = 0.6):
         self.scorer, self.ig_weight = scorer, float(ig_weight)
         self.stats = {"samples": 0, "ig_items": 0, "ig_errors": 0}
 

@@ -12,16 +12,24 @@ first use); when it cannot answer, the IG term is 0.0 and the EM part still coun
 
 from __future__ import annotations
 
+import os
 from functools import cache
 
-from core.rewards import verl_compute_score
-from infogain.client import IGClient
+from core.rewards.base import verl_compute_score
+from infogain.client import InfoGainClient
 from infogain.reward import QAExactMatchIG
 
 
 @cache
 def _reward():
-    return verl_compute_score(QAExactMatchIG(IGClient(fallback="zero")))
+    client = InfoGainClient(
+        url=os.environ.get("IG_SERVICE_URL", "http://127.0.0.1:8000"),
+        batch_size=int(os.environ.get("IG_BATCH_SIZE", 512)),
+        timeout=float(os.environ.get("IG_TIMEOUT", 120)),
+        api_key=os.environ.get("IG_API_KEY"),
+        fallback="zero",
+    )
+    return verl_compute_score(QAExactMatchIG(client))
 
 
 def qa_em_ig_compute_score(*args, **kwargs):

@@ -107,3 +107,56 @@ class WorkerPool:
             "random_weights": self.infos[0]["random_weights"],
             "workers": [{**info, "alive": w in self.alive} for w, info in enumerate(self.infos)],
         }
+
+
+def gpus_for(gpus: int, device: str | None) -> int:
+    """GPUs the service uses: ``gpus`` (IG_NUM_GPUS), or one when only a GPU ``device`` (IG_DEVICE)
+    is named, as the reference service's environment recipe does.
+
+    >>> gpus_for(0, "cuda:1"), gpus_for(0, None), gpus_for(4, "cuda:0"), gpus_for(0, "cpu")
+    (1, 0, 4, 0)
+    """
+    if gpus == 0 and device and str(device).startswith("cuda"):
+        return 1
+    return gpus
+
+
+def _on_gpus(node, gpus: int):
+    """``node`` with every model in it set to ``gpus`` (its ``gpus`` keys, at any depth)."""
+    if isinstance(node, dict):
+        return {k: gpus if k == "gpus" else _on_gpus(v, gpus) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_on_gpus(v, gpus) for v in node]
+    return node
+
+
+def serving_engine(
+    engine: DictConfig | dict,
+    gpus: int = 0,
+    device: str | None = None,
+    model_path: str | None = None,
+    workers: int = 0,
+    worker_timeout_s: float = 600.0,
+):
+    """The InfoGain service's engine: the ``engine`` node (``ig=local``) built in this process, or a
+    ``WorkerPool`` of it when ``workers`` (0: one per GPU) is above one.
+
+    ``model_path`` (IG_MODEL_PATH) replaces the generator's weights; ``device`` (IG_DEVICE, e.g.
+    ``cuda:1``) picks the GPU in single-GPU mode, and alone means one GPU.
+    """
+    from hydra.utils import instantiate
+
+    node = OmegaConf.to_container(engine, resolve=True) if isinstance(engine, DictConfig) else dict(engine)
+    gpus = gpus_for(int(gpus), device)
+    node = _on_gpus(node, gpus)
+    if model_path:
+        node["generator"]["model"]["name_or_path"] = model_path
+    workers = int(workers) or max(1, gpus)
+    log.info("infogain: %d worker(s), pid %d", workers, os.getpid())
+    if workers > 1:
+        return WorkerPool(node, workers, gpus_per_worker=1 if gpus > 0 else 0, call_timeout_s=float(worker_timeout_s))
+    if device and gpus > 0:
+        import torch
+
+        torch.cuda.set_device(device)
+    return instantiate(node)

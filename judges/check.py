@@ -12,9 +12,9 @@ import time
 from hydra.utils import instantiate
 from rich.console import Console
 
-from core.errors import ServiceError
-from core.http import HTTPClient
-from core.rewards import RewardSample
+from core.rewards.base import RewardSample
+from core.serving.errors import ServiceError
+from core.serving.http import HTTPClient
 
 _PROBE = RewardSample(
     "The capital of France is Paris.",

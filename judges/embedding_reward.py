@@ -29,10 +29,11 @@ from difflib import SequenceMatcher
 
 import numpy as np
 
-from core.cache import LRUCache
-from core.errors import ServiceError
-from core.rewards import RewardSample, references
-from judges.embedding_client import EmbeddingClient
+from core.models.embedding_client import EmbeddingClient
+from core.models.protocols import Embedder
+from core.rewards.base import RewardSample, references
+from core.rewards.cache import LRUCache
+from core.serving.errors import ServiceError
 from judges.references import filter_references
 
 log = logging.getLogger(__name__)
@@ -96,10 +97,11 @@ class EmbeddingSimilarityReward:
     """
 
     name = "embedding"
+    failure_keys = ("requests_failed", "fallback_samples")
 
     def __init__(
         self,
-        embedder,
+        embedder: Embedder,
         length_penalty: str = "none",
         length_threshold: float = 1.5,
         cache_enabled: bool = True,

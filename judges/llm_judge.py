@@ -15,10 +15,11 @@ import logging
 from collections import defaultdict
 from collections.abc import Sequence
 
-from core.errors import ServiceError
-from core.generation_client import GenerationClient
-from core.http import chunks
-from core.rewards import RewardSample, references
+from core.models.generation_client import GenerationClient
+from core.models.protocols import TextGenerator
+from core.rewards.base import RewardSample, references
+from core.serving.errors import ServiceError
+from core.serving.http import chunks
 from judges.prompts import judge_sampling, judge_score, render, resolve_template
 from judges.references import filter_references
 
@@ -40,10 +41,15 @@ class LLMJudgeReward:
     """
 
     name = "llm_judge"
+    failure_keys = ("requests_failed", "parse_failures")
+    failure_advice = {
+        "parse_failures": "the judge gave no usable score for some samples; a tiny random judge never does: "
+        "use a real one (model@judge.model=..., or judge=remote)",
+    }
 
     def __init__(
         self,
-        generator,
+        generator: TextGenerator,
         mode: str = "text",
         prompt_template: str = "default",
         temperature: float = 0.7,

@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Sequence
 
-from core.generation import Completion, SamplingParams
+from core.models.generation import Completion, SamplingParams
 
 PLACEHOLDERS = ("{PROBLEM}", "{REFERENCE_SOLUTION}", "{CANDIDATE_SOLUTION}")
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import os
 from functools import cache
 
-from core.generation_client import GenerationClient
-from core.rewards import verl_compute_score, verl_entry
-from judges.embedding_client import EmbeddingClient
+from core.models.embedding_client import EmbeddingClient
+from core.models.generation_client import GenerationClient
+from core.rewards.base import verl_compute_score, verl_entry
 from judges.embedding_reward import EmbeddingSimilarityReward
 from judges.llm_judge import LLMJudgeReward
 

@@ -16,11 +16,9 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI
-from hydra.utils import instantiate
 from pydantic import BaseModel
 
-from core.app import ServerSettings, check_batch_size, create_app
-from core.serving import serve
+from core.serving.app import ServerSettings, check_batch_size, create_app
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +84,3 @@ def speaker_app(engine, settings: ServerSettings) -> FastAPI:
         return engine.batch_describe(req.batch)
 
     return app
-
-
-def run_listener(cfg) -> None:
-    """Entry point of ``python run.py service=listener``."""
-    settings = ServerSettings.from_config(cfg.server)
-    serve(listener_app(instantiate(cfg.engine), settings), settings)
-
-
-def run_speaker(cfg) -> None:
-    """Entry point of ``python run.py service=speaker``."""
-    settings = ServerSettings.from_config(cfg.server)
-    serve(speaker_app(instantiate(cfg.engine), settings), settings)

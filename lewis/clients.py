@@ -1,58 +1,44 @@
 """HTTP clients of the listener and speaker services, with the engines' methods.
 
-``ListenerClient`` follows the Lewis reference scripts' training-side settings: ``LISTENER_URL``
-(the reference scripts point it at ``.../batch_score``; either form works), ``LISTENER_TIMEOUT``,
-``LISTENER_CHUNK_SIZE`` items per request, ``LISTENER_CHUNK_DELAY`` seconds between requests, ``LISTENER_MAX_RETRIES``
-and ``LISTENER_BACKOFF_FACTOR`` (first pause of the exponential backoff). A chunk that still fails
-does not raise: its items come back as ``{"error": reason}`` so a reward can score them 0.0.
+``ListenerClient`` has the Lewis reference scripts' training-side settings (``listener=remote``
+fills them from their ``LISTENER_*`` variables): the URL (the reference scripts point it at
+``.../batch_score``; either form works), a timeout, ``chunk_size`` items per request,
+``chunk_delay`` seconds between requests, retries and the first pause of the exponential backoff.
+A chunk that still fails does not raise: its items come back as ``{"error": reason}`` so a reward can score them 0.0.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 
-from core.errors import ServiceError
-from core.http import HTTPClient, chunks
+from core.serving.errors import ServiceError
+from core.serving.http import HTTPClient, chunks
 
 log = logging.getLogger(__name__)
 
 
-def _env(name: str, default, cast):
-    value = os.environ.get(name)
-    return cast(value) if value not in (None, "") else default
-
-
 class ListenerClient:
     """``batch_score`` / ``score`` over HTTP, chunked, paced and retried (``url``, else
-    ``LISTENER_URL``, else ``http://<host>:<port>``)."""
+    ``http://<host>:<port>``)."""
 
     def __init__(
         self,
         url: str | None = None,
         host: str = "127.0.0.1",
         port: int = 9000,
-        timeout: float | None = None,
-        chunk_size: int | None = None,
-        chunk_delay: float | None = None,
-        max_retries: int | None = None,
-        backoff_factor: float | None = None,
+        timeout: float = 60.0,
+        chunk_size: int = 4,
+        chunk_delay: float = 0.05,
+        max_retries: int = 3,
+        backoff_factor: float = 1.0,
         api_key: str | None = None,
     ):
-        url = url or os.environ.get("LISTENER_URL") or f"http://{host}:{port}"
-        url = url.removesuffix("/").removesuffix("/batch_score")
-        self.chunk_size = int(chunk_size or _env("LISTENER_CHUNK_SIZE", 4, int))
-        self.chunk_delay = float(chunk_delay if chunk_delay is not None else _env("LISTENER_CHUNK_DELAY", 0.05, float))
+        url = (url or f"http://{host}:{port}").removesuffix("/").removesuffix("/batch_score")
+        self.chunk_size, self.chunk_delay = max(1, int(chunk_size)), float(chunk_delay)
         self.http = HTTPClient(
-            url,
-            api_key=api_key,
-            timeout=float(timeout or _env("LISTENER_TIMEOUT", 60.0, float)),
-            max_retries=int(max_retries if max_retries is not None else _env("LISTENER_MAX_RETRIES", 3, int)),
-            backoff_s=float(
-                backoff_factor if backoff_factor is not None else _env("LISTENER_BACKOFF_FACTOR", 1.0, float)
-            ),
+            url, api_key=api_key, timeout=float(timeout), max_retries=int(max_retries), backoff_s=float(backoff_factor)
         )
         self.stats = {"requests": 0, "items": 0, "requests_failed": 0}
 

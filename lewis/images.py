@@ -15,9 +15,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from core.cache import LRUCache
-from core.errors import APIError
-from core.paths import is_file, real_roots, resolve_under
+from core.rewards.cache import LRUCache
+from core.serving.paths import is_file, real_roots, resolve_under
 
 DATA_URI_PREFIX = "data:image/"
 
@@ -34,7 +33,7 @@ def open_image(data: bytes, name: str) -> Image.Image:
         with Image.open(io.BytesIO(data)) as img:
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError):
-        raise APIError(400, f"{name} is not a readable image") from None
+        raise ValueError(f"{name} is not a readable image") from None
 
 
 def read_image(path: str | Path) -> Image.Image:
@@ -52,16 +51,16 @@ class ImageStore:
     def load(self, ref: str) -> Image.Image:
         """The image ``ref`` names; 403 outside the roots, 400 if it is not a readable image."""
         if not isinstance(ref, str) or not ref:
-            raise APIError(400, "an image must be a path or a data:image/...;base64 URI")
+            raise ValueError("an image must be a path or a data:image/...;base64 URI")
         if ref.startswith(DATA_URI_PREFIX):
             return self._decode(ref)
         if not self.roots:
-            raise APIError(403, "image paths are disabled on this server (no image roots); send a data URI")
+            raise PermissionError("image paths are disabled on this server (no image roots); send a data URI")
         path = resolve_under(ref, self.roots, "image path", "image", "; send it as a data URI instead")
         cached = self._cache.get(str(path))
         if cached is None:
             if not is_file(path, "image path"):
-                raise APIError(400, f"image {ref!r} not found")
+                raise ValueError(f"image {ref!r} not found")
             cached = open_image(path.read_bytes(), ref)
             self._cache.put(str(path), cached)
         return cached
@@ -70,5 +69,5 @@ class ImageStore:
         try:
             data = base64.b64decode(uri.split(",", 1)[1], validate=True)
         except (IndexError, binascii.Error):
-            raise APIError(400, "invalid base64 image data URI") from None
+            raise ValueError("invalid base64 image data URI") from None
         return open_image(data, "inline image")

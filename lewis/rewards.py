@@ -17,10 +17,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from core.cache import LRUCache
-from core.dist import all_gather_object_fallback, get_world_info
-from core.rewards import RewardSample
-from lewis.agents import parse_description
+from core.rewards.base import RewardSample
+from core.rewards.cache import LRUCache
+from core.training.dist import all_gather_object_fallback, get_world_info
+from lewis.engines import parse_description
+from lewis.protocols import Listener
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,11 @@ class ListenerAccuracy:
     """
 
     name = "accuracy"
+    failure_keys = ("requests_failed",)
 
-    def __init__(self, listener, question: str = QUESTION, log_path: str | None = None, cache_size: int = 100_000):
+    def __init__(
+        self, listener: Listener, question: str = QUESTION, log_path: str | None = None, cache_size: int = 100_000
+    ):
         self.listener, self.question = listener, question
         self.log_path = Path(log_path) if log_path else None
         self.cache = LRUCache(cache_size)

@@ -5,7 +5,7 @@ reward mix (``reward=lewis_speaker``) asks the listener (``listener=local|remote
 target among the candidates from the description, and adds the format and length rewards.
 Listener: the prompt shows all candidates and a description (``speaker=ground_truth|local|remote``);
 the completion names an image by number (``reward=lewis_listener``). Both run on
-``core.grpo.train`` (checkpoints, metrics, tracker, adapter, DeepSpeed/accelerate layout).
+``core.training.grpo.train`` (checkpoints, metrics, tracker, adapter, DeepSpeed/accelerate layout).
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import logging
 from datasets import Dataset
 from hydra.utils import instantiate
 
-from core.grpo import train
-from core.models import device_for
-from lewis.agents import SPEAKER_PROMPT
+from core.models.loading import device_for
+from core.training.grpo import train
+from lewis.engines import SPEAKER_PROMPT
 from lewis.images import read_image
+from lewis.protocols import Speaker
 from lewis.rewards import spoken_description
 from lewis.vlm import build_vlm, load_processor
 
@@ -55,7 +56,7 @@ def listener_rows(games: list[dict], descriptions: list[str]) -> Dataset:
     return Dataset.from_dict(rows)
 
 
-def descriptions_for(games: list[dict], speaker) -> list[str]:
+def descriptions_for(games: list[dict], speaker: Speaker | None) -> list[str]:
     """What the listener is trained on: ground truth (``speaker`` None) or the speaker's descriptions."""
     if speaker is None:
         return [g["description"] for g in games]

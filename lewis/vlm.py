@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
-from core.models import load_kwargs, model_path, packaged_tokenizer
+from core.models.loading import load_kwargs, model_path, packaged_tokenizer
 
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 

@@ -1,6 +1,6 @@
 """``service=policy`` and ``service=value``: the reference policy server's servers on the shared serving kit.
 
-Policy (``PolicyService``):
+Policy (``PolicyEngine``):
 
 * ``GET /`` → ``{status, allow_training, stop_training_flag, allow_inference, training, last_training}``.
 * ``POST /forward`` ``{question, decoding_strategy, full_simulation}`` → 201 ``{task_id}``. A worker
@@ -10,7 +10,7 @@ Policy (``PolicyService``):
   running; 404 for an unknown (or already fetched, or expired) id; 500 if its decode failed.
   Finished results are kept ``results_ttl_s`` seconds; at most ``max_tasks`` are held (429 beyond).
 * ``POST /direct_forward`` → ``{result, stop_strings}``.
-Value (``ValueService``): ``GET /``, ``POST /forward`` ``{messages}`` → ``{result: [float]}``.
+Value (``ValueEngine``): ``GET /``, ``POST /forward`` ``{messages}`` → ``{result: [float]}``.
 Both: ``POST /train_from_dataset`` → 201 ``{message}``, ``POST /stop_training`` → 200 ``{message}``.
 
 Errors are ``{"error": ...}`` with the reference policy server's codes: 400 for a bad body (invalid JSON, wrong
@@ -28,16 +28,13 @@ from collections import OrderedDict
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from pydantic import BaseModel, ConfigDict
 
-from core.app import ServerSettings, add_batcher, create_app
-from core.errors import APIError
-from core.serving import serve
-from ppo_server.policy import PolicyService
-from ppo_server.training import TrainingService
-from ppo_server.value import ValueService
+from core.serving.app import ServerSettings, add_batcher, create_app
+from core.serving.errors import APIError
+from ppo_server.policy_engine import PolicyEngine
+from ppo_server.training import TrainingEngine
+from ppo_server.value_engine import ValueEngine
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +120,7 @@ class TaskStore:
             del self._tasks[task_id]
 
 
-def _add_training_routes(app: FastAPI, service: TrainingService) -> None:
+def _add_training_routes(app: FastAPI, service: TrainingEngine) -> None:
     @app.get("/")
     async def _status():
         return service.status()
@@ -138,7 +135,7 @@ def _add_training_routes(app: FastAPI, service: TrainingService) -> None:
 
 
 def policy_app(
-    service: PolicyService,
+    service: PolicyEngine,
     settings: ServerSettings,
     max_batch_size: int = 32,
     max_wait_ms: float = 20.0,
@@ -146,7 +143,7 @@ def policy_app(
     results_ttl_s: float = 600.0,
 ) -> FastAPI:
     """The policy server over ``service``."""
-    engine = service.engine
+    engine = service.adapter
     app = create_app(
         "policy",
         settings,
@@ -195,7 +192,7 @@ def policy_app(
     return app
 
 
-def value_app(service: ValueService, settings: ServerSettings) -> FastAPI:
+def value_app(service: ValueEngine, settings: ServerSettings) -> FastAPI:
     """The value server over ``service``."""
     app = create_app(
         "value",
@@ -211,20 +208,3 @@ def value_app(service: ValueService, settings: ServerSettings) -> FastAPI:
         return service.forward(req.messages)
 
     return app
-
-
-def _service(cfg, cls):
-    settings = OmegaConf.to_container(cfg.ppo.service, resolve=True)
-    return cls(instantiate(cfg.ppo.engine), **settings, output_dir=cfg.paths.output_dir)
-
-
-def run_policy(cfg) -> None:
-    """Entry point of ``python run.py service=policy``."""
-    settings = ServerSettings.from_config(cfg.server)
-    serve(policy_app(_service(cfg, PolicyService), settings, **cfg.ppo.queueing), settings)
-
-
-def run_value(cfg) -> None:
-    """Entry point of ``python run.py service=value``."""
-    settings = ServerSettings.from_config(cfg.server)
-    serve(value_app(_service(cfg, ValueService), settings), settings)

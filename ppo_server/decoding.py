@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from core.generation import cut_at_stop
-from core.models import end_token_ids
+from core.models.generation import cut_at_stop
+from core.models.loading import end_token_ids
 
 STRATEGIES = ("temperature", "diverse_beam_search", "beam_search")
 # Generated tokens decoded at each step to look for a stop string (longer strings are still

@@ -22,8 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.errors import APIError
-from core.paths import is_file, real_roots, resolve_under
+from core.serving.paths import is_file, real_roots, resolve_under
 
 
 @dataclass(frozen=True)
@@ -59,17 +58,17 @@ _BY_SUFFIX = {".jsonl": "jsonl", ".json": "json", ".csv": "csv"}
 def resolve_dataset_path(path: str, roots: Sequence[str | Path]) -> Path:
     """The real path of ``path`` if it lies under one of ``roots`` (symlinks resolved), else 403."""
     if not roots:
-        raise APIError(403, "dataset_path is disabled: no dataset roots are configured on this server")
+        raise PermissionError("dataset_path is disabled: no dataset roots are configured on this server")
     real = resolve_under(path, real_roots(roots), "dataset_path", "dataset")
     if not is_file(real, "dataset_path"):
-        raise APIError(400, f"dataset_path {path!r} is not a file")
+        raise ValueError(f"dataset_path {path!r} is not a file")
     return real
 
 
 def check_loader(name: str | None) -> str | None:
     """``name`` if it is a registered loader (or None), else 400 listing the registered ones."""
     if name is not None and name not in LOADERS:
-        raise APIError(400, f"unknown dataset_loader_class {name!r}; registered loaders: {', '.join(sorted(LOADERS))}")
+        raise ValueError(f"unknown dataset_loader_class {name!r}; registered loaders: {', '.join(sorted(LOADERS))}")
     return name
 
 
@@ -79,9 +78,9 @@ def load_rows(path: Path, loader: str | None) -> list:
     try:
         rows = LOADERS[name](path)
     except (OSError, ValueError) as exc:
-        raise APIError(400, f"cannot read {path.name} with loader {name!r}: {exc}") from None
+        raise ValueError(f"cannot read {path.name} with loader {name!r}: {exc}") from None
     if not isinstance(rows, list):
-        raise APIError(400, f"{path.name} does not hold a list of samples")
+        raise ValueError(f"{path.name} does not hold a list of samples")
     return rows
 
 
@@ -89,19 +88,19 @@ def _number(row: Mapping, key: str, index: int) -> float:
     try:
         x = float(row[key])
     except (TypeError, ValueError):
-        raise APIError(400, f"sample {index}: {key!r} must be a number, got {row[key]!r}") from None
+        raise ValueError(f"sample {index}: {key!r} must be a number, got {row[key]!r}") from None
     if not math.isfinite(x):
-        raise APIError(400, f"sample {index}: {key!r} must be finite")
+        raise ValueError(f"sample {index}: {key!r} must be finite")
     return x
 
 
 def parse_sample(row, index: int) -> Sample:
     """A ``Sample`` from one row in either accepted form; a clear 400 naming the row otherwise."""
     if not isinstance(row, Mapping):
-        raise APIError(400, f"sample {index} must be an object, got {type(row).__name__}")
+        raise ValueError(f"sample {index} must be an object, got {type(row).__name__}")
     value_key = next((k for k in ("value", "GAE") if row.get(k) is not None), None)
     if value_key is None:
-        raise APIError(400, f"sample {index} needs a 'value' (or 'GAE')")
+        raise ValueError(f"sample {index} needs a 'value' (or 'GAE')")
     value = _number(row, value_key, index)
     advantage = _number(row, "GAE", index) if row.get("GAE") is not None else value
     if row.get("messages") is not None:
@@ -115,15 +114,15 @@ def parse_sample(row, index: int) -> Sample:
             )
         )
         if not ok or messages[-1]["role"] != "assistant":
-            raise APIError(400, f"sample {index}: 'messages' must be role/content objects ending with the assistant")
+            raise ValueError(f"sample {index}: 'messages' must be role/content objects ending with the assistant")
         prompt = tuple((m["role"], m["content"]) for m in messages[:-1])
         return Sample(prompt, "", messages[-1]["content"], value, advantage)
     for key in ("question", "current_node"):
         if not isinstance(row.get(key), str):
-            raise APIError(400, f"sample {index}: {key!r} must be a string")
+            raise ValueError(f"sample {index}: {key!r} must be a string")
     context = row.get("context") or ""
     if not isinstance(context, str):
-        raise APIError(400, f"sample {index}: 'context' must be a string")
+        raise ValueError(f"sample {index}: 'context' must be a string")
     return Sample((("user", row["question"]),), context, row["current_node"], value, advantage)
 
 
@@ -138,13 +137,13 @@ def collect_samples(
     """Parsed samples from the inline ``dataset`` or the file, subsampled to ``percent_of_data``."""
     check_loader(loader)
     if dataset is None and dataset_path is None:
-        raise APIError(400, "give 'dataset' (a list of samples) or 'dataset_path'")
+        raise ValueError("give 'dataset' (a list of samples) or 'dataset_path'")
     rows = dataset if dataset is not None else load_rows(resolve_dataset_path(dataset_path, roots), loader)
     if not 0.0 < percent_of_data <= 1.0:
-        raise APIError(400, f"percent_of_data must be in (0, 1], got {percent_of_data}")
+        raise ValueError(f"percent_of_data must be in (0, 1], got {percent_of_data}")
     samples = [parse_sample(row, i) for i, row in enumerate(rows)]
     if not samples:
-        raise APIError(400, "the dataset holds no samples")
+        raise ValueError("the dataset holds no samples")
     keep = max(1, math.ceil(len(samples) * percent_of_data))
     return random.Random(seed).sample(samples, keep) if keep < len(samples) else samples
 

@@ -1,12 +1,12 @@
 """What the policy and value servers share: a LoRA-adapted model that answers requests while a
 background thread trains it, one training at a time, stoppable at a step boundary.
 
-``AdapterEngine.train`` is the loop (epochs, shuffled micro-batches, gradient accumulation,
+``AdapterModel.train`` is the loop (epochs, shuffled micro-batches, gradient accumulation,
 clipping, a JSONL log, the adapter saved at the end or on stop); subclasses say what a batch's
 loss is (PPO for the policy, MSE for the value). One lock serialises training steps and
 inference calls, so inference waits at most one step while a training runs.
 
-``TrainingService`` is the part of the in-process API both servers expose the same way:
+``TrainingEngine`` is the part of the in-process API both servers expose the same way:
 ``status``, ``train_from_dataset`` and ``stop_training`` with the reference policy server's fields and messages.
 """
 
@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 
-from core.errors import APIError
-from core.grpo import lora_config
-from core.models import device_for, load_tokenizer
+from core.models.loading import device_for, load_tokenizer
+from core.training.grpo import lora_config
 from ppo_server.samples import Sample, collect_samples, write_samples
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,7 @@ class TrainSettings:
     seed: int = 0
 
 
-class AdapterEngine:
+class AdapterModel:
     """A model with a LoRA adapter, a lock shared by inference and training, and the training loop.
 
     Subclasses build ``self.model`` and implement ``prepare`` (per-sample data computed once before
@@ -192,11 +191,11 @@ class AdapterEngine:
         }
 
 
-class TrainingService:
-    """``status``, ``train_from_dataset`` and ``stop_training`` over an ``AdapterEngine``.
+class TrainingEngine:
+    """``status``, ``train_from_dataset`` and ``stop_training`` over an ``AdapterModel``.
 
     Args:
-        engine: the model to train.
+        adapter: the LoRA-adapted model to train.
         allow_training / allow_inference: switches a server is started with (403 when off).
         dataset_roots: folders ``dataset_path`` may point into.
         scratch: where ``save_samples`` writes (``$SCRATCH``; samples go to ``<scratch>/datasets``).
@@ -205,7 +204,7 @@ class TrainingService:
 
     def __init__(
         self,
-        engine: AdapterEngine,
+        adapter: AdapterModel,
         allow_training: bool = True,
         allow_inference: bool = True,
         dataset_roots: Sequence[str] = (),
@@ -213,10 +212,10 @@ class TrainingService:
         output_dir: str = "outputs/ppo_server",
         stop_timeout_s: float = 600.0,
     ):
-        self.engine = engine
+        self.adapter = adapter
         self.allow_training, self.allow_inference = bool(allow_training), bool(allow_inference)
         self.dataset_roots = [str(r) for r in dataset_roots]
-        self.scratch = scratch or os.environ.get("SCRATCH") or str(Path(output_dir) / "scratch")
+        self.scratch = scratch or str(Path(output_dir) / "scratch")
         self.output_dir = Path(output_dir)
         self.stop_timeout_s = stop_timeout_s
         self.stop_flag = threading.Event()
@@ -244,7 +243,7 @@ class TrainingService:
     def check_inference(self) -> None:
         """403 when the server was started with inference off."""
         if not self.allow_inference:
-            raise APIError(403, "inference is disabled on this server (allow_inference=false)")
+            raise PermissionError("inference is disabled on this server (allow_inference=false)")
 
     def train_from_dataset(
         self,
@@ -258,13 +257,13 @@ class TrainingService:
     ) -> dict:
         """Check the request, then train in a background thread; returns the reference policy server's message."""
         if not self.allow_training:
-            raise APIError(403, "training is disabled on this server (allow_training=false)")
+            raise PermissionError("training is disabled on this server (allow_training=false)")
         if self.training:
-            raise APIError(403, "a training is already running; POST /stop_training first")
+            raise PermissionError("a training is already running; POST /stop_training first")
         if num_epochs < 1 or not lr > 0:
-            raise APIError(400, f"num_epochs must be >= 1 and lr > 0, got {num_epochs} and {lr}")
+            raise ValueError(f"num_epochs must be >= 1 and lr > 0, got {num_epochs} and {lr}")
         samples = collect_samples(
-            dataset, dataset_path, dataset_loader_class, self.dataset_roots, percent_of_data, self.engine.settings.seed
+            dataset, dataset_path, dataset_loader_class, self.dataset_roots, percent_of_data, self.adapter.settings.seed
         )
         saved = str(write_samples(dataset, self.scratch)) if save_samples and dataset is not None else None
         self._runs += 1
@@ -275,13 +274,13 @@ class TrainingService:
             target=self._run, args=(samples, int(num_epochs), float(lr), out_dir), name="training", daemon=True
         )
         self._thread.start()
-        gpus = torch.cuda.device_count() if self.engine.device.type == "cuda" else 0
+        gpus = torch.cuda.device_count() if self.adapter.device.type == "cuda" else 0
         return {"message": f"Training started with {os.cpu_count()} cores and {gpus} GPUs", "output_dir": str(out_dir)}
 
     def _run(self, samples: list[Sample], num_epochs: int, lr: float, out_dir: Path) -> None:
         started = time.time()
         try:
-            result = self.engine.train(samples, num_epochs, lr, self.stop_flag.is_set, out_dir)
+            result = self.adapter.train(samples, num_epochs, lr, self.stop_flag.is_set, out_dir)
             result.update(samples=len(samples), seconds=round(time.time() - started, 3), error=None)
         except Exception as exc:  # noqa: BLE001 - the server keeps serving; the failure shows in GET /
             log.exception("training failed")
@@ -304,5 +303,5 @@ class TrainingService:
         self.stop_flag.set()
         self._thread.join(self.stop_timeout_s)
         if self.training:
-            raise APIError(503, f"training did not stop within {self.stop_timeout_s:g}s; try again")
+            raise TimeoutError(f"training did not stop within {self.stop_timeout_s:g}s; try again")
         return {"message": "Training stopped and model saved", "last_training": self.last_training}

@@ -14,7 +14,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 
-from core.local_server import ROOT, LocalServer, free_port
+from core.serving.local_server import ROOT, LocalServer, free_port
 
 JUDGE_KEY = "test-judge-key"
 

@@ -11,11 +11,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import JUDGE_KEY, ROOT, free_port, run_cli
-from core.rewards import RewardMix
+from core.rewards.base import RewardMix
 
 CONF = ROOT / "conf"
-# reward_component, entailment and ppo are sub-groups, composed inside reward/, ig/ and service/ options.
-SUB_GROUPS = ("reward_component", "entailment", "ppo")
+# entailment is a sub-group, composed inside ig/ options (reward/component is a folder of reward/).
+SUB_GROUPS = ("entailment",)
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in SUB_GROUPS)
 
 
@@ -93,8 +93,8 @@ def test_a_task_runs_in_process_from_a_composed_config(tmp_path):
 
 def test_judge_defaults_fit_real_judges():
     local, remote = composed("reward=llm_judge"), composed("reward=llm_judge", "judge=remote")
-    assert (local.judge.mode, local.judge.prompt_template) == ("logprobs", "yes_no")  # one token, any model size
-    assert (remote.judge.mode, remote.judge.prompt_template) == ("text", "default")
+    assert (local.judging.mode, local.judging.prompt_template) == ("logprobs", "yes_no")  # one token, any model size
+    assert (remote.judging.mode, remote.judging.prompt_template) == ("text", "default")
     for cfg in (local, remote):  # a text-mode judge gets room to reason before `REWARD:`
         assert cfg.reward.components.llm_judge.fn.max_new_tokens == 512
     assert local.judge.model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -115,14 +115,19 @@ def test_cfg_job_prints_the_resolved_service_config():
         "--cfg", "job", "--resolve", "service=embedding", env={"EMBEDDING_SERVER_PORT": "9123"}, timeout=120
     )
     cfg = OmegaConf.create(result.stdout)
-    assert cfg.task._target_ == "judges.embedding_app.run"
+    assert (
+        cfg.task._target_ == "core.serving.run_service"
+        and cfg.app._target_ == "core.models.embedding_app.embedding_app"
+    )
     assert cfg.server.port == 9123 and cfg.server.host == "127.0.0.1"
     assert cfg.model.name_or_path == "sentence-transformers/all-MiniLM-L6-v2"
 
 
 @pytest.mark.slow
 def test_default_run_writes_scores_and_summary(tmp_path):
-    result = run_cli("eval=rewards", "logger=none", f"hydra.run.dir={tmp_path}", "judge.max_new_tokens=8", timeout=300)
+    result = run_cli(
+        "eval=rewards", "logger=none", f"hydra.run.dir={tmp_path}", "judging.max_new_tokens=8", timeout=300
+    )
     assert result.returncode == 0, result.stdout[-3000:]
     assert "Mean reward by kind" in result.stdout
     rows = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
@@ -224,7 +229,7 @@ def test_hydra_launchers_compose(launcher):
     ("option", "cls"), [("nli", "NLIEntailment"), ("embedding", "EmbeddingEntailment"), ("exact", "ExactEntailment")]
 )
 def test_entailment_options_instantiate_inside_ig(option, cls):
-    engine = instantiate(composed(f"entailment@ig.entailment={option}").ig.backend)
+    engine = instantiate(composed(f"entailment@ig.entailment={option}").ig)
     assert type(engine).__name__ == "InfoGainEngine" and type(engine.entailment).__name__ == cls
 
 
@@ -232,14 +237,14 @@ def test_ig_remote_is_a_client_with_the_seed_env(monkeypatch):
     monkeypatch.setenv("IG_SERVICE_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("IG_BATCH_SIZE", "64")
     client = instantiate(composed("ig=remote", "reward=qa_em_ig").reward).components["qa_em_ig"][0].scorer
-    assert type(client).__name__ == "IGClient" and client.http.base_url == "http://127.0.0.1:9"
+    assert type(client).__name__ == "InfoGainClient" and client.http.base_url == "http://127.0.0.1:9"
     assert client.batch_size == 64 and client.http.timeout == 120.0
 
 
 def test_each_rank_takes_its_own_gpu_and_flash_attention_falls_back(caplog):
     import torch
 
-    from core.models import attention_implementation, device_name, load_kwargs
+    from core.models.loading import attention_implementation, device_name, load_kwargs
 
     assert device_name(0, "3") == "cpu"
     assert [device_name(4, rank) for rank in (None, "0", "1", "3")] == ["cuda", "cuda:0", "cuda:1", "cuda:3"]
@@ -257,12 +262,15 @@ def test_packaged_smollm2_is_converted_once_by_concurrent_processes(tmp_path):
     import subprocess
     import sys
 
-    from core.models import SMOLLM2_ID, resolve_path
+    from core.models.loading import SMOLLM2_ID, resolve_path
 
     assert resolve_path(SMOLLM2_ID, source="hub") == SMOLLM2_ID  # GPU users keep the hub id
     with pytest.raises(ValueError, match="auto, package or hub"):
         resolve_path(SMOLLM2_ID, source="somewhere")
-    code = f"from core.models import resolve_path; print(resolve_path({SMOLLM2_ID!r}, 'package', {str(tmp_path)!r}))"
+    code = (
+        "from core.models.loading import resolve_path; "
+        f"print(resolve_path({SMOLLM2_ID!r}, 'package', {str(tmp_path)!r}))"
+    )
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -1,4 +1,4 @@
-"""core.dist in one process (fallbacks) and in a real two-process gloo group, with the Lewis
+"""core.training.dist in one process (fallbacks) and in a real two-process gloo group, with the Lewis
 accuracy reward (a tiny listener on each rank) sharing its listener results across ranks."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import os
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from core.dist import all_gather_object_fallback, broadcast_object_fallback, get_world_info
-from core.local_server import ROOT, free_port
-from core.rewards import RewardSample
-from lewis.agents import ListenerEngine
+from core.rewards.base import RewardSample
+from core.serving.local_server import ROOT, free_port
+from core.training.dist import all_gather_object_fallback, broadcast_object_fallback, get_world_info
 from lewis.data import load_games, make_shapes
+from lewis.engines import ListenerEngine
 from lewis.rewards import ListenerAccuracy
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import free_port
-from core.rewards import RewardSample, trl_reward_func, verl_batched, verl_compute_score
-from judges.embedding_client import EmbeddingClient
+from core.models.embedding_client import EmbeddingClient
+from core.rewards.base import RewardSample, trl_reward_func, verl_batched, verl_compute_score
 from judges.embedding_reward import EmbeddingSimilarityReward, length_factor, lexical_similarity
 
 EMBED_OK = 'embedding_requests_total{route="/embed",status="200"}'
@@ -84,7 +84,7 @@ def test_openai_embeddings_with_official_client(embedding_server):
 def test_served_embeddings_equal_in_process(client):
     from sentence_transformers import SentenceTransformer
 
-    from core.models import MINILM_ID, resolve_path
+    from core.models.loading import MINILM_ID, resolve_path
 
     texts = [t for triple in PAIRS for t in triple]
     local = SentenceTransformer(resolve_path(MINILM_ID), device="cpu").encode(texts, normalize_embeddings=True)

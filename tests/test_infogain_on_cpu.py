@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from core.generation import Completion
+from core.models.generation import Completion
 from infogain.engine import InfoGainEngine, naive_pair_count
 from infogain.entailment import ExactEntailment, NLIEntailment, PairCache
 from infogain.measure import cluster, entropies, hard_score, representatives_of, sample_weights, soft_score
@@ -147,7 +147,7 @@ def test_tiny_nli_reads_the_label_order_from_its_config():
 
 
 def test_real_generator_fills_likelihoods_and_drives_the_engine(tiny_model_cfg):
-    from core.generation import GenerationEngine
+    from core.models.generation_engine import GenerationEngine
 
     generator = GenerationEngine(tiny_model_cfg)
     engine = InfoGainEngine(generator, ExactEntailment(), num_generations=3, max_new_tokens=4, sub_batch_size=4)

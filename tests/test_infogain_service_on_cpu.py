@@ -14,13 +14,13 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from conftest import ROOT, free_port
-from core.errors import ServiceError
-from core.local_server import LocalServer
-from core.rewards import RewardSample
-from infogain.client import IGClient
+from core.rewards.base import RewardSample
+from core.serving.errors import ServiceError
+from core.serving.local_server import LocalServer
+from infogain.client import InfoGainClient
 from infogain.reward import QAExactMatchIG
 
-SMALL = ["ig.num_generations=3", "ig.max_new_tokens=4", "seed=7", "model=tiny_lm", "model@ig.generator=tiny_lm"]
+SMALL = ["ig.num_generations=3", "ig.max_new_tokens=4", "seed=7", "model=tiny_lm", "model@ig.generator.model=tiny_lm"]
 ITEMS = [
     {"question": "What is the capital of France?", "context": "Paris is the capital of France.", "answers": ["Paris"]},
     {"question": "Who wrote Hamlet?", "context": "Hamlet is a play by Shakespeare.", "answers": ["Shakespeare"]},
@@ -30,7 +30,7 @@ ITEMS = [
 def local_engine(*overrides: str):
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[*SMALL, *overrides])
-    return instantiate(cfg.ig.backend)
+    return instantiate(cfg.ig)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_bad_requests(ig_server, send, status, phrase):
 
 
 def test_served_and_in_process_scores_are_identical(ig_server):
-    served = IGClient(ig_server.url).compute(ITEMS[:1])
+    served = InfoGainClient(ig_server.url).compute(ITEMS[:1])
     embedded = local_engine().compute(ITEMS[:1])
     assert served[0]["score"] == pytest.approx(embedded[0]["score"], abs=1e-6)
     assert [s["text"] for s in served[0]["details"]["no_context"]["samples"]] == [
@@ -103,26 +103,29 @@ def test_concurrent_requests_share_generate_calls(ig_server):
 
 def test_client_fallbacks_when_the_service_is_down():
     dead = f"http://127.0.0.1:{free_port()}"
-    zero = IGClient(dead, timeout=1, max_retries=0).compute(ITEMS)
+    zero = InfoGainClient(dead, timeout=1, max_retries=0).compute(ITEMS)
     assert [r["score"] for r in zero] == [0.0, 0.0] and "service unavailable" in zero[0]["error"]
     with pytest.raises(ServiceError):
-        IGClient(dead, timeout=1, max_retries=0, fallback="raise").compute(ITEMS)
-    local = IGClient(dead, timeout=1, max_retries=0, fallback="local", local=local_engine("ig.generator.seed=0"))
+        InfoGainClient(dead, timeout=1, max_retries=0, fallback="raise").compute(ITEMS)
+    local = InfoGainClient(
+        dead, timeout=1, max_retries=0, fallback="local", local=local_engine("ig.generator.model.seed=0")
+    )
     result = local.compute(ITEMS[:1])
     assert result[0]["error"] is None and local.stats["fallback_items"] == 1
 
 
-def test_client_reads_the_seed_env(monkeypatch, ig_server):
+def test_ig_remote_reads_the_reference_env(monkeypatch, ig_server):
     monkeypatch.setenv("IG_SERVICE_URL", ig_server.url)
     monkeypatch.setenv("IG_BATCH_SIZE", "1")
-    client = IGClient()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        client = instantiate(compose("config", overrides=["ig=remote"]).ig)
     before = ig_server.metric('infogain_requests_total{route="/compute_info_gain",status="200"}')
     assert len(client.compute(ITEMS)) == 2 and client.batch_size == 1
     assert ig_server.metric('infogain_requests_total{route="/compute_info_gain",status="200"}') - before == 2
 
 
 def test_em_plus_ig_reward(ig_server):
-    client = IGClient(ig_server.url)
+    client = InfoGainClient(ig_server.url)
     reward = QAExactMatchIG(client, ig_weight=0.6)
     retrieved = (
         "<search>capital</search><information>Paris is the capital of France.</information><answer>Paris</answer>"
@@ -146,7 +149,7 @@ def test_two_ray_workers_survive_one_killed_mid_request(tmp_path):
     with LocalServer(
         tmp_path,
         "service=infogain",
-        "ig.workers=2",
+        "engine.workers=2",
         "ig.num_generations=4",
         "ig.max_new_tokens=24",
         "server.max_concurrency=16",

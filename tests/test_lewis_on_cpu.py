@@ -11,11 +11,11 @@ import httpx
 import pytest
 import torch
 
-from core.local_server import LocalServer, free_port
-from core.rewards import RewardSample
-from lewis.agents import ListenerEngine, parse_description
+from core.rewards.base import RewardSample
+from core.serving.local_server import LocalServer, free_port
 from lewis.clients import ListenerClient
 from lewis.data import ATTRIBUTES, load_games, make_shapes
+from lewis.engines import ListenerEngine, parse_description
 from lewis.images import to_data_uri
 from lewis.rewards import QUESTION, ListenerAccuracy, OneSentence, TagFormat
 from tests.conftest import run_cli
@@ -35,7 +35,7 @@ def games(shapes_root):
 def tiny_vl_cfg() -> dict:
     from omegaconf import OmegaConf
 
-    from core.local_server import ROOT
+    from core.serving.local_server import ROOT
 
     return OmegaConf.to_container(OmegaConf.load(ROOT / "conf/vlm/tiny_vl.yaml"))
 
@@ -248,8 +248,8 @@ def test_inference_variables_set_the_gate_and_a_waiting_request_gets_503(monkeyp
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from core.app import ServerSettings
-    from core.local_server import ROOT
+    from core.serving.app import ServerSettings
+    from core.serving.local_server import ROOT
     from lewis.apps import listener_app
     from tests.conftest import ThreadServer
 
@@ -289,7 +289,7 @@ def test_speaker_7b_experiment_has_the_reference_run_settings():
     from hydra import compose, initialize_config_dir
     from trl import GRPOConfig
 
-    from core.local_server import ROOT
+    from core.serving.local_server import ROOT
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["train=speaker", "experiment=lewis_speaker_qwen2vl7b"])

@@ -10,10 +10,11 @@ import openai
 import pytest
 
 from conftest import JUDGE_KEY, ThreadServer, free_port, scripted_openai_app
-from core.errors import error_message
-from core.generation import GenerationEngine, SamplingParams
-from core.generation_client import GenerationClient
-from core.rewards import RewardSample, verl_batched, verl_compute_score
+from core.models.generation import SamplingParams
+from core.models.generation_client import GenerationClient
+from core.models.generation_engine import GenerationEngine
+from core.rewards.base import RewardSample, verl_batched, verl_compute_score
+from core.serving.errors import error_message
 from judges.llm_judge import LLMJudgeReward
 from judges.prompts import parse_reward, strip_thinking
 

@@ -10,13 +10,13 @@ import httpx
 import pytest
 import torch
 
-from core.app import ServerSettings
-from core.local_server import LocalServer
+from core.serving.app import ServerSettings
+from core.serving.local_server import LocalServer
 from ppo_server.apps import policy_app, value_app
-from ppo_server.client import PolicyClient, ValueClient
+from ppo_server.clients import PolicyClient, ValueClient
 from ppo_server.decoding import DecodeSpec
-from ppo_server.policy import PolicyEngine, PolicyService
-from ppo_server.value import ValueEngine, ValueService
+from ppo_server.policy_engine import PolicyEngine, PolicyModel
+from ppo_server.value_engine import ValueEngine, ValueModel
 from tests.conftest import ThreadServer
 
 # Lengths below count the prompt too (as max_output_length does): the chat template adds about 25
@@ -51,10 +51,10 @@ def policy(tmp_path_factory, data_root):
         log_dir,
         "service=policy",
         "model=tiny_lm",
-        f"ppo.service.queue.num_samples={QUEUE_SAMPLES}",
-        "ppo.service.queue.max_output_length=72",
-        f"ppo.service.scratch={log_dir / 'scratch'}",
-        f"ppo.service.dataset_roots=[{data_root}]",
+        f"policy.queue.num_samples={QUEUE_SAMPLES}",
+        "policy.queue.max_output_length=72",
+        f"policy.scratch={log_dir / 'scratch'}",
+        f"policy.dataset_roots=[{data_root}]",
     ).start()
     yield server
     server.stop()
@@ -63,9 +63,7 @@ def policy(tmp_path_factory, data_root):
 @pytest.fixture(scope="module")
 def value(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("value")
-    server = LocalServer(
-        log_dir, "service=value", "model=tiny_lm", f"ppo.service.scratch={log_dir / 'scratch'}"
-    ).start()
+    server = LocalServer(log_dir, "service=value", "model=tiny_lm", f"value.scratch={log_dir / 'scratch'}").start()
     yield server
     server.stop()
 
@@ -178,7 +176,7 @@ def test_training_runs_in_background_then_stop_saves_an_adapter_that_changes_out
 
     from peft import PeftModel
 
-    from core.models import build_causal_lm, load_tokenizer
+    from core.models.loading import build_causal_lm, load_tokenizer
 
     tok = load_tokenizer(tiny_model_cfg)
     base = build_causal_lm(tiny_model_cfg, tok, torch.device("cpu"))
@@ -219,9 +217,9 @@ def test_value_training_lowers_mse(value):
 
 
 def test_switches_off_answer_403_and_in_process_service_matches_the_client(tiny_model_cfg, tmp_path):
-    engine = PolicyEngine(tiny_model_cfg, LORA, max_batch_size=8)
+    engine = PolicyModel(tiny_model_cfg, LORA, max_batch_size=8)
     queue = {"num_samples": 2, "max_output_length": 56}
-    closed = PolicyService(engine, queue=queue, allow_training=False, allow_inference=False, output_dir=str(tmp_path))
+    closed = PolicyEngine(engine, queue=queue, allow_training=False, allow_inference=False, output_dir=str(tmp_path))
     with ThreadServer(policy_app(closed, ServerSettings())) as server:
         for route, body in [
             ("/forward", {"question": "x"}),
@@ -230,7 +228,7 @@ def test_switches_off_answer_403_and_in_process_service_matches_the_client(tiny_
         ]:
             answer = httpx.post(f"{server.url}{route}", json=body)
             assert answer.status_code == 403 and "disabled" in answer.json()["error"], route
-    embedded = PolicyService(engine, queue=queue, output_dir=str(tmp_path))
+    embedded = PolicyEngine(engine, queue=queue, output_dir=str(tmp_path))
     with ThreadServer(policy_app(embedded, ServerSettings())) as server:
         remote = PolicyClient(server.url)
         beams = {"decoding_strategy": "beam_search", "num_samples": 2, "max_output_length": 56}
@@ -239,7 +237,7 @@ def test_switches_off_answer_403_and_in_process_service_matches_the_client(tiny_
 
 
 def test_safe_logits_sample_from_a_diverging_model(tiny_model_cfg):
-    engine = PolicyEngine(tiny_model_cfg, LORA)
+    engine = PolicyModel(tiny_model_cfg, LORA)
     with torch.no_grad():
         engine.model.get_output_embeddings().weight[:5].fill_(float("nan"))
     spec = DecodeSpec(num_samples=2, max_output_length=44, safe_logits=True)
@@ -249,7 +247,7 @@ def test_safe_logits_sample_from_a_diverging_model(tiny_model_cfg):
 
 
 def test_value_service_embedded_equals_served(tiny_model_cfg, tmp_path):
-    embedded = ValueService(ValueEngine(tiny_model_cfg, LORA), output_dir=str(tmp_path))
+    embedded = ValueEngine(ValueModel(tiny_model_cfg, LORA), output_dir=str(tmp_path))
     convs = conversations(samples(3))
     with ThreadServer(value_app(embedded, ServerSettings())) as server:
         served = ValueClient(server.url).forward(convs)["result"]

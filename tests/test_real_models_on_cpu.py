@@ -16,14 +16,15 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import ROOT, run_cli
-from core.generation import GenerationEngine, SamplingParams
-from core.generation_client import GenerationClient
-from core.local_server import LocalServer
-from core.models import end_token_ids
-from core.rewards import RewardSample
+from core.models.generation import SamplingParams
+from core.models.generation_client import GenerationClient
+from core.models.generation_engine import GenerationEngine
+from core.models.loading import end_token_ids
+from core.rewards.base import RewardSample
+from core.serving.local_server import LocalServer
 from judges.llm_judge import LLMJudgeReward
-from ppo_server.client import PolicyClient
-from ppo_server.policy import PolicyEngine
+from ppo_server.clients import PolicyClient
+from ppo_server.policy_engine import PolicyModel
 from ppo_server.samples import parse_sample
 
 pytestmark = pytest.mark.slow
@@ -97,7 +98,7 @@ def test_every_end_id_stops_generation(smollm2_cfg):
 
 
 def test_policy_server_uses_the_chat_template_and_reports_the_end_token(tmp_path):
-    with LocalServer(tmp_path, "service=policy", "ppo.service.queue.num_samples=2") as server:
+    with LocalServer(tmp_path, "service=policy", "policy.queue.num_samples=2") as server:
         client = PolicyClient(server.url)
         direct = client.direct_forward(QUESTION, decoding_strategy="beam_search", num_samples=2, max_output_length=120)
         queued = client.forward(QUESTION, decoding_strategy="beam_search")
@@ -109,7 +110,7 @@ def test_policy_server_uses_the_chat_template_and_reports_the_end_token(tmp_path
 
 def test_ppo_step_moves_log_probabilities_toward_positive_advantages(smollm2_cfg, tmp_path):
     lora = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
-    engine = PolicyEngine(smollm2_cfg, lora, training={"micro_batch_size": 2, "kl_coef": 0.0})
+    engine = PolicyModel(smollm2_cfg, lora, training={"micro_batch_size": 2, "kl_coef": 0.0})
     good = parse_sample({"question": QUESTION, "current_node": "The capital of France is Paris.", "value": 1.0}, 0)
     bad = parse_sample({"question": QUESTION, "current_node": "The capital of France is Rome.", "value": -1.0}, 1)
 
@@ -132,7 +133,7 @@ def test_infogain_is_higher_for_a_helpful_context_than_an_unrelated_one():
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["ig.num_generations=5", "ig.max_new_tokens=24", "seed=0"])
-    engine = instantiate(cfg.ig.backend)
+    engine = instantiate(cfg.ig)
     assert engine.health()["random_weights"] == []  # SmolLM2 generator, MiniLM entailment
     rows = [json.loads(line) for line in (ROOT / "infogain/data/helpful_vs_unrelated.jsonl").read_text().splitlines()]
     items = [

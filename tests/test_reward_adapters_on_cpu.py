@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.builtin_rewards import ExactMatch
-from core.rewards import RewardSample, references, trl_reward_func, verl_compute_score
+from core.rewards.base import RewardSample, references, trl_reward_func, verl_compute_score
+from core.rewards.builtin import ExactMatch
 
 
 class Recording:
@@ -37,7 +37,7 @@ def test_trl_grpo_trainer_reads_a_verl_style_dataset(tmp_path, tiny_model_cfg):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from core.models import build_causal_lm, device_for, load_tokenizer
+    from core.models.loading import build_causal_lm, device_for, load_tokenizer
 
     rows = [
         {
@@ -84,8 +84,8 @@ def test_verl_reward_kwargs_set_every_samples_options(tmp_path):
     from omegaconf import OmegaConf
 
     from conftest import ROOT, free_port
-    from judges.embedding_client import EmbeddingClient
-    from judges.embedding_engine import EmbeddingEngine
+    from core.models.embedding_client import EmbeddingClient
+    from core.models.embedding_engine import EmbeddingEngine
     from judges.embedding_reward import EmbeddingSimilarityReward
 
     engine = EmbeddingEngine(OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/minilm.yaml")))

@@ -13,10 +13,10 @@ from fastapi import Request
 from pydantic import BaseModel
 
 from conftest import ThreadServer
-from core.app import ServerSettings, check_batch_size, create_app
-from core.batcher import MicroBatcher
-from core.errors import APIError, ServiceError
-from core.http import HTTPClient, chunks
+from core.serving.app import ServerSettings, check_batch_size, create_app
+from core.serving.batcher import MicroBatcher
+from core.serving.errors import APIError, ServiceError
+from core.serving.http import HTTPClient, chunks
 
 
 class Items(BaseModel):

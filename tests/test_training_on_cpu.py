@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import JUDGE_KEY, ROOT, run_cli
-from core.local_server import LocalServer
+from core.serving.local_server import LocalServer
 
 SMOKE = "experiment=smoke"
 FAST = [SMOKE, "logger=none", "trainer.max_steps=3", "trainer.save_strategy=no"]
@@ -118,7 +118,7 @@ def test_served_rewards_equal_embedded_rewards(tmp_path):
     # sample the same completions and must score them the same.
     fn = "reward.components.llm_judge.fn"
     same = [*FAST, f"{fn}.mode=text", f"{fn}.prompt_template=default", f"{fn}.temperature=0"]
-    same.append("judge.max_new_tokens=8")
+    same.append("judging.max_new_tokens=8")
     local = tmp_path / "local"
     assert run_cli(*same, f"hydra.run.dir={local}").returncode == 0
     with (
@@ -222,7 +222,7 @@ def test_deepspeed_zero3_config_is_accepted_by_deepspeed():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from core.layout import accelerate_config, layout_for
+    from core.training.layout import accelerate_config, layout_for
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["deepspeed=zero3", "gpus=4"])
@@ -239,7 +239,7 @@ def test_deepspeed_zero3_config_is_accepted_by_deepspeed():
 
 
 def test_gpu_layouts_without_gpus(tmp_path):
-    from core.layout import accelerate_config, launch_command, layout_for, write_launch_files
+    from core.training.layout import accelerate_config, launch_command, layout_for, write_launch_files
 
     assert layout_for(0).device == "cpu" and layout_for(0).num_processes == 1
     plain = accelerate_config(layout_for(4))
@@ -257,7 +257,7 @@ def test_gpu_layouts_without_gpus(tmp_path):
 def test_user_jsonl_and_parquet_load_into_the_standard_columns(tmp_path):
     from datasets import Dataset
 
-    from core.datasets import from_files
+    from core.training.datasets import from_files
 
     rows = [{"question": "Capital of Peru?", "answer": "Lima"}, {"question": "2+2?", "answer": ["4", "four"]}]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")

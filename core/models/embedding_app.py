@@ -1,0 +1,148 @@
+"""``service=embedding``: a TEI-compatible (and OpenAI-compatible) embedding server.
+
+Routes, as Hugging Face Text Embeddings Inference answers them:
+
+* ``POST /embed`` (and ``POST /``, as TEI) ``{inputs: str | [str], normalize=true, truncate=false,
+  truncation_direction, dimensions}`` → ``[[float, ...], ...]``; ``normalize=false`` gives the
+  pooled vectors as the model computes them
+* ``GET /v1/models`` → the one served model (any ``model`` name reaches it, as TEI)
+* ``GET /info`` → model facts (``model_id``, ``max_input_length``, ``max_client_batch_size`` …)
+* ``POST /v1/embeddings`` (OpenAI) ``{input, model, encoding_format: float|base64, dimensions}``
+* ``GET /health``, ``GET /metrics`` (shared kit)
+
+Concurrent requests are merged into one forward pass by the micro-batcher.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from typing import Literal
+
+import numpy as np
+import orjson
+from fastapi import FastAPI, Response
+from pydantic import BaseModel, PositiveInt, StrictBool
+
+from core.models.embedding_engine import EmbeddingEngine, InputTooLong, finish_vectors
+from core.serving.app import ServerSettings, add_batcher, check_batch_size, create_app
+from core.serving.errors import APIError
+
+log = logging.getLogger(__name__)
+
+
+def _json(content) -> Response:
+    """JSON with numpy arrays serialised natively (FastAPI's encoder walks every float: ~50x slower)."""
+    return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+
+
+class EmbedRequest(BaseModel):
+    """TEI's ``/embed`` body."""
+
+    inputs: str | list[str]
+    normalize: StrictBool = True
+    truncate: StrictBool = False
+    truncation_direction: Literal["Left", "Right", "left", "right"] = "Right"
+    prompt_name: str | None = None
+    dimensions: PositiveInt | None = None
+
+
+class OpenAIEmbeddingRequest(BaseModel):
+    """OpenAI's ``/v1/embeddings`` body."""
+
+    input: str | list[str]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: PositiveInt | None = None
+    user: str | None = None
+
+
+def embedding_app(
+    engine: EmbeddingEngine, settings: ServerSettings, max_batch_size: int = 64, max_wait_ms: float = 5.0
+) -> FastAPI:
+    """The FastAPI app serving ``engine``."""
+    app = create_app(
+        "embedding",
+        settings,
+        metrics_namespace="embedding",
+        health=lambda: {"model": engine.name, "device": str(engine.device)},
+    )
+
+    def run_batch(texts: list[str], key: tuple[str, str | None]) -> list[np.ndarray]:
+        direction, prompt_name = key
+        return list(
+            engine.embed(texts, normalize=False, truncate=True, truncation_direction=direction, prompt_name=prompt_name)
+        )
+
+    batcher = add_batcher(app, run_batch, max_batch_size, max_wait_ms)
+
+    async def embed(
+        texts: list[str],
+        normalize: bool,
+        truncate: bool,
+        direction: str,
+        dimensions: int | None,
+        prompt_name: str | None,
+    ) -> np.ndarray:
+        check_batch_size(len(texts), settings, "inputs")
+        if prompt_name is not None and prompt_name not in engine.prompts:
+            raise APIError(
+                422,
+                f"prompt_name {prompt_name!r} is not defined for model {engine.name} "
+                f"(it defines {sorted(engine.prompts) or 'none'})",
+            )
+        if dimensions is not None and dimensions > engine.dimension:
+            raise APIError(422, f"dimensions {dimensions} > model dimension {engine.dimension}")
+        if not truncate:
+            try:
+                engine.check_lengths(texts)
+            except InputTooLong as exc:
+                raise APIError(413, str(exc), "validation") from None
+        vectors = await batcher.submit(texts, key=(direction.lower(), prompt_name))
+        return finish_vectors(np.stack(vectors), normalize, dimensions)
+
+    # TEI also serves its model's route at "/" (huggingface_hub's InferenceClient posts there).
+    @app.post("/")
+    @app.post("/embed")
+    async def _embed(req: EmbedRequest):
+        texts = [req.inputs] if isinstance(req.inputs, str) else req.inputs
+        vectors = await embed(
+            texts, req.normalize, req.truncate, req.truncation_direction, req.dimensions, req.prompt_name
+        )
+        return _json(vectors)
+
+    @app.get("/v1/models")
+    async def _models():
+        return {
+            "object": "list",
+            "data": [{"id": engine.name, "object": "model", "created": 0, "owned_by": "rewardkit"}],
+        }
+
+    @app.get("/info")
+    async def _info():
+        return {
+            **engine.info(),
+            "max_client_batch_size": settings.max_batch_items,
+            "max_concurrent_requests": settings.max_concurrency,
+        }
+
+    @app.post("/v1/embeddings")
+    async def _openai_embeddings(req: OpenAIEmbeddingRequest):
+        # The one served model answers whatever `model` names, as TEI does.
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        vectors = await embed(texts, True, True, "right", req.dimensions, None)
+        data = []
+        for i, vec in enumerate(vectors):
+            value = base64.b64encode(vec.astype("<f4").tobytes()).decode() if req.encoding_format == "base64" else vec
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        tokens = sum(engine.count_tokens(texts))
+        return _json(
+            {
+                "object": "list",
+                "data": data,
+                "model": engine.name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
+    return app

@@ -1,0 +1,300 @@
+"""An OpenAI-compatible generation server over a ``GenerationEngine`` (``service=llm_judge``
+serves it with the judge's route added).
+
+Routes, as vLLM's OpenAI server answers them:
+
+* ``GET /v1/models``
+* ``POST /v1/chat/completions`` ``{messages, n, temperature, top_p, max_tokens, stop, seed,
+  logprobs, top_logprobs, stream, stream_options, chat_template_kwargs: {enable_thinking}}``
+* ``POST /v1/completions`` ``{prompt: str | [str], logprobs: int, ...same sampling fields}``
+* ``GET /health``, ``GET /metrics`` (shared kit)
+
+Concurrent requests with equal sampling parameters share one ``generate`` call. Log-probabilities
+come in vLLM's shapes (chat: ``logprobs.content[].top_logprobs``; completions: ``tokens``,
+``token_logprobs``, ``top_logprobs``, ``text_offset``). ``stream: true`` answers as server-sent
+events once the completion is done (one content chunk per choice, then ``[DONE]``). Request
+fields this server cannot honour (tools, response formats, penalties, ...) are refused with a
+400 that names them, rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field, PositiveInt
+
+from core.models.generation import Completion, SamplingParams, TokenLogprob, apply_stop
+from core.models.generation_engine import GenerationEngine
+from core.serving.app import ServerSettings, add_batcher, check_batch_size, create_app
+from core.serving.errors import APIError
+
+
+class TextPart(BaseModel):
+    """A text part of a message's content list (images are not served here)."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One chat message."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+
+class Sampling(BaseModel):
+    """Sampling fields shared by both generation routes."""
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=64)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    stop: str | list[str] | None = None
+    # torch seeds are 64-bit; larger values are refused (422), never an overflow inside the model call.
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    stream_options: dict | None = None
+    # OpenAI fields this server does not implement: refused (400) unless left at their no-op value.
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    logit_bias: Any = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    best_of: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+
+
+# field -> its values that change nothing (any other value is refused)
+_NO_OP_VALUES = {
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
+}
+
+
+def refuse_unsupported(req: Sampling) -> None:
+    """400 naming every field that asks for something this server does not do."""
+    asked = [name for name, no_ops in _NO_OP_VALUES.items() if getattr(req, name) not in no_ops]
+    if asked:
+        raise APIError(400, f"not supported by this server: {', '.join(asked)}; leave them unset")
+
+
+class ChatRequest(Sampling):
+    """``/v1/chat/completions`` body."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    chat_template_kwargs: dict | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompletionRequest(Sampling):
+    """``/v1/completions`` body."""
+
+    prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+
+def _chat_logprobs(tokens: list[TokenLogprob]) -> dict:
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {
+        "content": [
+            {**entry(t.token, t.logprob), "top_logprobs": [entry(tok, lp) for tok, lp in t.top]} for t in tokens
+        ]
+    }
+
+
+def _completion_logprobs(tokens: list[TokenLogprob]) -> dict:
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t.token)
+    return {
+        "text_offset": offsets,
+        "token_logprobs": [t.logprob for t in tokens],
+        "tokens": [t.token for t in tokens],
+        "top_logprobs": [dict(t.top) for t in tokens],
+    }
+
+
+def _choice(index: int, c: Completion, chat: bool) -> dict:
+    logprobs = None
+    if c.logprobs is not None:
+        logprobs = _chat_logprobs(c.logprobs) if chat else _completion_logprobs(c.logprobs)
+    body = {"index": index, "finish_reason": c.finish_reason, "stop_reason": c.stop_found, "logprobs": logprobs}
+    if chat:
+        body["message"] = {"role": "assistant", "content": c.text}
+    else:
+        body["text"] = c.text
+    return body
+
+
+def _sse(body: dict, chat: bool, include_usage: bool) -> StreamingResponse:
+    """A finished completion as OpenAI's stream of chunks (server-sent events)."""
+    head = {k: body[k] for k in ("id", "created", "model")}
+    head["object"] = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(choices: list, **extra) -> str:
+        return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
+
+    def events():
+        for c in body["choices"]:
+            base = {"index": c["index"], "logprobs": None, "finish_reason": None}
+            if chat:
+                yield chunk([{**base, "delta": {"role": "assistant", "content": ""}}])
+                yield chunk([{**base, "delta": {"content": c["message"]["content"]}, "logprobs": c["logprobs"]}])
+                yield chunk([{**base, "delta": {}, "finish_reason": c["finish_reason"]}])
+            else:
+                yield chunk([{**base, "text": c["text"], "logprobs": c["logprobs"]}])
+                yield chunk([{**base, "text": "", "finish_reason": c["finish_reason"]}])
+        if include_usage:
+            yield chunk([], usage=body["usage"])
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def generation_app(
+    engine: GenerationEngine,
+    settings: ServerSettings,
+    max_batch_size: int = 32,
+    max_wait_ms: float = 10.0,
+    default_max_tokens: int = 512,
+    title: str = "generation",
+) -> FastAPI:
+    """The OpenAI-compatible app serving ``engine``. ``app.state.batcher`` (prompts, params) and
+    ``app.state.check_prompts`` (prompts, max_tokens) let a caller add routes over the same model
+    calls (the judge's ``/judge``)."""
+    app = create_app(
+        title,
+        settings,
+        metrics_namespace="generation",
+        health=lambda: {"model": engine.name, "device": str(engine.device), "random_weights": engine.random_weights},
+    )
+    batcher = add_batcher(app, lambda prompts, params: engine.complete(prompts, params), max_batch_size, max_wait_ms)
+
+    def sampling(req: Sampling, default_tokens: int, top_logprobs: int | None) -> SamplingParams:
+        refuse_unsupported(req)
+        if req.model is not None and req.model != engine.name:
+            raise APIError(
+                404, f"The model `{req.model}` does not exist; this server serves `{engine.name}`", "not_found"
+            )
+        max_tokens = req.max_completion_tokens or req.max_tokens or default_tokens
+        if max_tokens >= engine.max_model_len:
+            raise APIError(400, f"max_tokens {max_tokens} must be below the model's context {engine.max_model_len}")
+        return SamplingParams(
+            n=req.n,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            max_tokens=max_tokens,
+            seed=req.seed,
+            logprobs=top_logprobs is not None,
+            top_logprobs=top_logprobs or 0,
+        )
+
+    def check_prompts(prompts: list[str], max_tokens: int) -> int:
+        """The prompts' total token count; 400 for an empty prompt or one that does not fit the
+        context with ``max_tokens`` (as vLLM answers: never a silently truncated prompt)."""
+        check_batch_size(len(prompts), settings, "prompt")
+        total = 0
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise APIError(400, f"prompt {i} is empty")
+            tokens = engine.count_tokens(prompt)
+            if tokens + max_tokens > engine.max_model_len:
+                raise APIError(
+                    400,
+                    f"This model's maximum context length is {engine.max_model_len} tokens. However, you "
+                    f"requested {tokens + max_tokens} tokens ({tokens} in the prompt, {max_tokens} for the "
+                    "completion). Please reduce the length of the prompt or max_tokens.",
+                )
+            total += tokens
+        return total
+
+    async def generate(prompts: list[str], params: SamplingParams, stop) -> tuple[list[list[Completion]], int]:
+        prompt_tokens = check_prompts(prompts, params.max_tokens)
+        stops = [stop] if isinstance(stop, str) else stop
+        groups = await batcher.submit(prompts, key=params)
+        return [[apply_stop(c, stops) for c in group] for group in groups], prompt_tokens
+
+    def respond(req: Sampling, kind: str, generated: tuple[list[list[Completion]], int], chat: bool):
+        body = response(kind, *generated, chat)
+        if req.stream:
+            return _sse(body, chat, bool((req.stream_options or {}).get("include_usage")))
+        return body
+
+    def response(kind: str, groups: list[list[Completion]], prompt_tokens: int, chat: bool) -> dict:
+        choices = [_choice(i * len(g) + j, c, chat) for i, g in enumerate(groups) for j, c in enumerate(g)]
+        completion_tokens = sum(c.completion_tokens for g in groups for c in g)
+        return {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": kind,
+            "created": int(time.time()),
+            "model": engine.name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+    @app.get("/v1/models")
+    async def _models():
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": engine.name,
+                    "object": "model",
+                    "created": int(time.time()),
+                    "owned_by": "rewardkit",
+                    "max_model_len": engine.max_model_len,
+                }
+            ],
+        }
+
+    @app.post("/v1/chat/completions")
+    async def _chat(req: ChatRequest):
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true")
+        params = sampling(req, default_max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        messages = [
+            {"role": m.role, "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
+            for m in req.messages
+        ]
+        thinking = (req.chat_template_kwargs or {}).get("enable_thinking")
+        prompt = engine.render_chat(messages, None if thinking is None else bool(thinking))
+        return respond(req, "chat.completion", await generate([prompt], params, req.stop), chat=True)
+
+    @app.post("/v1/completions")
+    async def _completions(req: CompletionRequest):
+        params = sampling(req, 16, req.logprobs)  # 16: OpenAI's and vLLM's default for plain completions
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        return respond(req, "text_completion", await generate(prompts, params, req.stop), chat=False)
+
+    app.state.batcher = batcher
+    app.state.check_prompts = check_prompts
+    return app

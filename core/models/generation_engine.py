@@ -1,0 +1,165 @@
+"""``GenerationEngine``: the ``TextGenerator`` protocol over a Hugging Face causal LM in this process."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from core.models.generation import Completion, Message, SamplingParams, TokenLogprob, apply_stop
+from core.models.loading import (
+    build_causal_lm,
+    device_for,
+    end_token_ids,
+    has_random_weights,
+    load_tokenizer,
+    model_label,
+)
+
+
+class LogprobRecorder(LogitsProcessor):
+    """Records the model's log-probability of each token ``generate`` picks, as it generates.
+
+    Placed among ``generate``'s logits processors (before temperature and top-p), it sees the
+    model's distribution at every step; the token picked at step t shows up in ``input_ids`` at
+    step t+1, so only one step's distribution is held at a time (a full ``output_scores`` would
+    hold rows × steps × vocabulary floats: gigabytes for a 49k vocabulary).
+    """
+
+    def __init__(self, top: int = 0):
+        self.top = top
+        self._last: torch.Tensor | None = None
+        self.chosen: list[torch.Tensor] = []
+        self.alternatives: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._last is not None:
+            self.chosen.append(self._last.gather(1, input_ids[:, -1:]).squeeze(1))
+        self._last = torch.log_softmax(scores.float(), dim=-1)
+        if self.top:
+            values, indices = self._last.topk(self.top, dim=-1)
+            self.alternatives.append((values.cpu(), indices.cpu()))
+        return scores
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """[rows, generated tokens] log-probabilities, once ``generate`` returned ``sequences``."""
+        if self._last is not None:
+            self.chosen.append(self._last.gather(1, sequences[:, -1:]).squeeze(1))
+            self._last = None
+        return torch.stack(self.chosen, dim=1).cpu()
+
+
+class GenerationEngine:
+    """Owns a causal LM and its tokenizer; generates for many prompts in one padded batch.
+
+    Args:
+        model: a model config node (``conf/model/*.yaml``).
+        gpus: 0 for the CPU, otherwise the model goes on ``cuda``.
+        max_batch_size: prompts per ``generate`` call (larger inputs are split).
+    """
+
+    def __init__(self, model: Mapping, gpus: int = 0, max_batch_size: int = 32):
+        self.device = device_for(gpus)
+        self.tokenizer = load_tokenizer(model)
+        self.model = build_causal_lm(model, self.tokenizer, self.device)
+        self.name = model_label(model)
+        self.random_weights = has_random_weights(model, "generation")
+        self.max_model_len = int(
+            model.get("max_model_len") or getattr(self.model.config, "max_position_embeddings", 2048)
+        )
+        self.max_batch_size = max_batch_size
+        self.end_ids = end_token_ids(self.tokenizer, self.model.generation_config)
+        self.generate_calls = 0
+        self._lock = threading.Lock()
+
+    def render_chat(self, messages: Sequence[Message], enable_thinking: bool | None = None) -> str:
+        """The prompt text for a conversation, via the tokenizer's chat template."""
+        extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        return self.tokenizer.apply_chat_template(
+            [dict(m) for m in messages], tokenize=False, add_generation_prompt=True, **extra
+        )
+
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens in ``text`` (without special tokens)."""
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def chat(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        params: SamplingParams = SamplingParams(),
+        stop: Sequence[str] | None = None,
+        enable_thinking: bool | None = None,
+    ) -> list[list[Completion]]:
+        """``params.n`` assistant replies for each conversation."""
+        return self.complete([self.render_chat(c, enable_thinking) for c in conversations], params, stop)
+
+    def complete(
+        self, prompts: Sequence[str], params: SamplingParams = SamplingParams(), stop: Sequence[str] | None = None
+    ) -> list[list[Completion]]:
+        """``params.n`` continuations for each prompt, cut at the first of ``stop``."""
+        out: list[list[Completion]] = []
+        for start in range(0, len(prompts), self.max_batch_size):
+            out.extend(self._generate(list(prompts[start : start + self.max_batch_size]), params, stop))
+        return [[apply_stop(c, stop) for c in group] for group in out]
+
+    @torch.inference_mode()
+    def _generate(
+        self, prompts: list[str], params: SamplingParams, stop: Sequence[str] | None
+    ) -> list[list[Completion]]:
+        max_input = max(8, self.max_model_len - params.max_tokens)
+        enc = self.tokenizer(
+            prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_input, add_special_tokens=False
+        )
+        enc = enc.to(self.device)
+        sampling = params.temperature > 0
+        # Greedy decoding gives the same sequence n times (as vLLM does); generate it once.
+        per_prompt = params.n if sampling else 1
+        recorder = LogprobRecorder(params.top_logprobs) if params.logprobs else None
+        kwargs = {
+            "do_sample": sampling,
+            "max_new_tokens": params.max_tokens,
+            "num_return_sequences": per_prompt,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            # Every end id stops a row, not only the tokenizer's eos.
+            "eos_token_id": self.end_ids,
+            "logits_processor": LogitsProcessorList([recorder] if recorder else []),
+        }
+        if sampling:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        if stop:  # rows end at a stop string instead of running to max_tokens (the text is cut after)
+            kwargs.update(stop_strings=[s for s in stop if s], tokenizer=self.tokenizer)
+        with self._lock:
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            sequences = self.model.generate(**enc, **kwargs)
+            self.generate_calls += 1
+        token_logprobs = recorder.finish(sequences) if recorder else None
+        new_tokens = sequences[:, enc["input_ids"].shape[1] :].tolist()
+        completions = []
+        for row, ids in enumerate(new_tokens):
+            end = next((k for k, t in enumerate(ids) if t in self.end_ids), None)
+            length = len(ids) if end is None else end + 1
+            text = self.tokenizer.decode(ids[:length], skip_special_tokens=True)
+            completion = Completion(text, "length" if end is None else "stop", length)
+            if token_logprobs is not None:
+                # Only the generated tokens up to and including the end id count, never padding.
+                values = token_logprobs[row, :length].tolist()
+                completion.set_logprobs(self._token_logprobs(recorder, row, ids[:length], values))
+            completions.append(completion)
+        groups = [completions[i * per_prompt : (i + 1) * per_prompt] for i in range(len(prompts))]
+        return [group * (params.n // per_prompt) for group in groups]
+
+    def _token_logprobs(self, recorder: LogprobRecorder, row: int, ids: list[int], values: list[float]):
+        out = []
+        for step, (token, value) in enumerate(zip(ids, values, strict=True)):
+            top = []
+            if recorder.top:
+                top_values, top_ids = recorder.alternatives[step]
+                top = [
+                    (self.tokenizer.decode([int(t)]), float(v))
+                    for v, t in zip(top_values[row], top_ids[row], strict=True)
+                ]
+            out.append(TokenLogprob(self.tokenizer.decode([token]), value, top))
+        return out

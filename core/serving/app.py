@@ -1,0 +1,373 @@
+"""The FastAPI app factory every service is built on.
+
+``create_app`` gives a service, in one place: ``/health``, Prometheus ``/metrics``, an optional
+Bearer API key, a request-body size limit, a concurrency limit that answers 429/503 on overload
+instead of hanging, an error body for every 4xx/5xx in the shape of the route's API family
+(OpenAI's on ``/v1/...``, TEI's elsewhere; see ``core.serving.errors.error_body``), the mapping of
+an engine's plain exceptions to statuses (``ValueError`` 400, ``PermissionError`` 403,
+``LookupError`` 404, ``NotImplementedError`` 501, ``TimeoutError`` 503), and shutdown hooks.
+Routes are added by the domain packages on the returned app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.serving.batcher import MicroBatcher
+from core.serving.errors import APIError, error_body
+
+log = logging.getLogger(__name__)
+
+# Paths a load balancer or scraper probes: never behind the key (health only) or the concurrency gate.
+OPEN_PATHS = frozenset({"/health"})
+UNGATED_PATHS = frozenset({"/health", "/metrics"})
+
+
+@dataclass
+class ServerSettings:
+    """How a service listens and protects itself (the ``server:`` node of every service config)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_batch_items: int = 1024
+    max_concurrency: int = 64
+    max_queue: int = 256
+    acquire_timeout_s: float = 30.0
+    graceful_timeout_s: float = 10.0
+    log_level: str = "info"
+
+    @classmethod
+    def from_config(cls, node) -> ServerSettings:
+        """Build from a mapping (an OmegaConf node or dict); ``None`` values keep the defaults,
+        an unknown key is an error."""
+        return cls(**{k: v for k, v in dict(node or {}).items() if v is not None})
+
+
+# How an engine's plain exceptions become statuses, so engines never import HTTP types. The first
+# match wins. KeyError and IndexError are LookupErrors too, but in practice they are bugs: 500.
+ENGINE_ERRORS: tuple[tuple[type[Exception], int], ...] = (
+    (NotImplementedError, 501),
+    (PermissionError, 403),
+    (TimeoutError, 503),
+    (ValueError, 400),
+    (LookupError, 404),
+)
+
+
+def engine_error_status(exc: Exception) -> int:
+    """The status for an exception raised by engine or route code (500 when none applies).
+
+    >>> engine_error_status(ValueError("bad topk")), engine_error_status(KeyError("x"))
+    (400, 500)
+    """
+    if isinstance(exc, (KeyError, IndexError)):
+        return 500
+    return next((status for kind, status in ENGINE_ERRORS if isinstance(exc, kind)), 500)
+
+
+class _Overloaded(Exception):
+    def __init__(self, status: int, message: str):
+        self.status, self.message = status, message
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    """An HTTPException, so FastAPI's body parsing passes it on as 413 instead of a generic 400."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body larger than {limit} bytes")
+
+
+class ConcurrencyGate:
+    """At most ``limit`` requests run at once; ``max_queue`` more may wait up to ``timeout_s``.
+
+    A request beyond the queue is refused at once (429); one that waits too long gets 503.
+    """
+
+    def __init__(self, limit: int, max_queue: int, timeout_s: float):
+        self.limit, self.max_queue, self.timeout_s = limit, max_queue, timeout_s
+        self.running = 0
+        self.waiting = 0
+        self._cond: asyncio.Condition | None = None
+
+    async def acquire(self) -> None:
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        async with self._cond:
+            if self.running < self.limit:
+                self.running += 1
+                return
+            if self.waiting >= self.max_queue:
+                raise _Overloaded(429, f"server busy: {self.running} running, {self.waiting} queued")
+            self.waiting += 1
+            try:
+                await asyncio.wait_for(self._cond.wait_for(lambda: self.running < self.limit), self.timeout_s)
+            except asyncio.TimeoutError:
+                raise _Overloaded(503, f"no capacity within {self.timeout_s:g}s; retry later") from None
+            finally:
+                self.waiting -= 1
+            self.running += 1
+
+    async def release(self) -> None:
+        async with self._cond:
+            self.running -= 1
+            self._cond.notify(1)
+
+
+class ServiceMetrics:
+    """A per-app Prometheus registry, so several apps in one process never share counters."""
+
+    def __init__(self, namespace: str):
+        self.registry = CollectorRegistry()
+        self.namespace = namespace
+        self.requests = Counter(
+            "requests",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            namespace=namespace,
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "request_seconds", "HTTP request latency", ["route"], namespace=namespace, registry=self.registry
+        )
+        self.in_flight = Gauge("in_flight", "requests being served", namespace=namespace, registry=self.registry)
+
+    def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+        """A counter registered on this app's registry (e.g. items embedded, judge failures)."""
+        return Counter(name, doc, list(labels), namespace=self.namespace, registry=self.registry)
+
+    def histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+        """A histogram registered on this app's registry (e.g. items per model call)."""
+        return Histogram(name, doc, namespace=self.namespace, registry=self.registry, buckets=buckets)
+
+
+async def _send_json(send, status: int, payload: dict, headers: list | None = None) -> None:
+    body = json.dumps(payload).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Gate:
+    """ASGI middleware: API key, body size, concurrency and request metrics, before any route runs."""
+
+    def __init__(self, app, settings: ServerSettings, gate: ConcurrencyGate, metrics: ServiceMetrics):
+        self.app, self.settings, self.gate, self.metrics = app, settings, gate, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        status = {"code": 500, "started": False}
+
+        async def tracked_send(message):
+            if message["type"] == "http.response.start":
+                status["code"], status["started"] = message["status"], True
+            await send(message)
+
+        started = time.perf_counter()
+        try:
+            refusal = self._refuse(scope, path)
+            if refusal is not None:
+                await _send_json(tracked_send, *refusal)
+                return
+            if path in UNGATED_PATHS:
+                await self.app(scope, self._limited(receive), tracked_send)
+                return
+            try:
+                await self.gate.acquire()
+            except _Overloaded as exc:
+                await _send_json(
+                    tracked_send, exc.status, error_body(exc.message, exc.status, path=path), [(b"retry-after", b"1")]
+                )
+                return
+            self.metrics.in_flight.inc()
+            try:
+                await self.app(scope, self._limited(receive), tracked_send)
+            finally:
+                self.metrics.in_flight.dec()
+                await self.gate.release()
+        except _BodyTooLarge as exc:
+            if not status["started"]:
+                await _send_json(tracked_send, 413, error_body(exc.detail, 413, path=path))
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", None) or ("unmatched" if path not in UNGATED_PATHS else path)
+            self.metrics.requests.labels(label, str(status["code"])).inc()
+            self.metrics.latency.labels(label).observe(time.perf_counter() - started)
+
+    def _refuse(self, scope, path: str):
+        headers = dict(scope.get("headers") or [])
+        key = self.settings.api_key
+        if key and path not in OPEN_PATHS:
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                message = "missing or invalid API key: send 'Authorization: Bearer <key>'"
+                return 401, error_body(message, 401, path=path), [(b"www-authenticate", b"Bearer")]
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.settings.max_body_bytes:
+            return 413, error_body(_BodyTooLarge(self.settings.max_body_bytes).detail, 413, path=path)
+        return None
+
+    def _limited(self, receive):
+        """Count body bytes as they arrive, so chunked uploads cannot exceed the limit either."""
+        seen = 0
+
+        async def wrapped():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.settings.max_body_bytes:
+                    raise _BodyTooLarge(self.settings.max_body_bytes)
+            return message
+
+        return wrapped
+
+
+def _validation_message(errors: list[dict]) -> tuple[int, str]:
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return 400, "invalid JSON body: " + "; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in errors)
+    parts = []
+    for e in errors[:5]:
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        parts.append(f"{loc or 'body'}: {e.get('msg')}")
+    return 422, "invalid request: " + "; ".join(parts)
+
+
+def create_app(
+    title: str,
+    settings: ServerSettings,
+    health: Callable[[], dict] | None = None,
+    on_shutdown: list[Callable[[], object]] | None = None,
+    metrics_namespace: str = "service",
+    validation_status: int = 422,
+) -> FastAPI:
+    """Build a FastAPI app with the shared plumbing; the caller adds its routes.
+
+    ``health()`` adds fields to ``GET /health``; ``on_shutdown`` callables run once when the
+    server stops (after in-flight requests finished, within uvicorn's graceful timeout).
+    ``validation_status`` is the status of a body with wrong fields or types (422, FastAPI's
+    and TEI's; 400 where a contract says so, as the reference policy server does).
+    """
+    hooks = list(on_shutdown or [])
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        for hook in hooks:
+            try:
+                result = hook()
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:  # noqa: BLE001 - one failing hook must not stop the others
+                log.exception("shutdown hook failed")
+
+    app = FastAPI(title=title, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = ServiceMetrics(metrics_namespace)
+    app.state.shutdown_hooks = hooks
+    app.state.gate = ConcurrencyGate(settings.max_concurrency, settings.max_queue, settings.acquire_timeout_s)
+    app.add_middleware(_Gate, settings=settings, gate=app.state.gate, metrics=app.state.metrics)
+
+    @app.exception_handler(APIError)
+    async def _api_error(req: Request, exc: APIError):
+        return JSONResponse(error_body(exc.message, exc.status, exc.error_type, req.url.path), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(req: Request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return JSONResponse(
+            error_body(message, exc.status_code, path=req.url.path),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(req: Request, exc: RequestValidationError):
+        status, message = _validation_message(list(exc.errors()))
+        status = validation_status if status == 422 else status
+        return JSONResponse(error_body(message, status, path=req.url.path), status_code=status)
+
+    async def _engine_error(req: Request, exc: Exception):
+        status = engine_error_status(exc)
+        if status == 500:
+            return await _server_error(req, exc)
+        return JSONResponse(error_body(str(exc), status, path=req.url.path), status_code=status)
+
+    # Handlers by class run inside the app, so the connection stays usable after them.
+    for kind, _status in ENGINE_ERRORS:
+        app.add_exception_handler(kind, _engine_error)
+
+    @app.exception_handler(Exception)
+    async def _server_error(req: Request, exc: Exception):
+        log.exception("unhandled error")
+        message = f"internal error: {type(exc).__name__}: {exc}"
+        # Starlette re-raises what reaches this handler and uvicorn then drops the connection:
+        # say so, or a keep-alive client sends its next request into a closed socket.
+        return JSONResponse(
+            error_body(message, 500, path=req.url.path), status_code=500, headers={"connection": "close"}
+        )
+
+    @app.get("/health")
+    async def _health():
+        return {"status": "ok", **(health() if health else {})}
+
+    @app.get("/metrics")
+    async def _metrics():
+        return Response(generate_latest(app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def add_batcher(app: FastAPI, fn, max_batch_size: int, max_wait_ms: float) -> MicroBatcher:
+    """A micro-batcher for the app's model, counted in ``/metrics`` and stopped at shutdown.
+
+    Metrics (under the app's namespace): ``model_calls_total`` (one per merged batch),
+    ``model_items_total`` (items that reached the model) and the ``batch_items`` histogram.
+    """
+    metrics: ServiceMetrics = app.state.metrics
+    calls = metrics.counter("model_calls", "model calls (one per merged batch)")
+    items = metrics.counter("model_items", "items that went through the model")
+    buckets = tuple(2**k for k in range(max(1, max_batch_size).bit_length() + 1))
+    sizes = metrics.histogram("batch_items", "items per model call", buckets)
+
+    def on_batch(n: int) -> None:
+        calls.inc()
+        items.inc(n)
+        sizes.observe(n)
+
+    batcher = MicroBatcher(fn, max_batch_size, max_wait_ms, on_batch=on_batch)
+    app.state.shutdown_hooks.append(batcher.close)
+    return batcher
+
+
+def check_batch_size(n: int, settings: ServerSettings, what: str = "items") -> None:
+    """Refuse empty batches (422) and batches over ``max_batch_items`` (413), with the reason."""
+    if n == 0:
+        raise APIError(422, f"`{what}` cannot be empty", "empty")
+    if n > settings.max_batch_items:
+        raise APIError(413, f"batch size {n} > maximum allowed batch size {settings.max_batch_items}", "validation")

@@ -1,0 +1,291 @@
+"""GRPO + LoRA training recipe: ``python run.py`` (the quickstart) and ``python run.py train=grpo``.
+
+Setup: tokenizer and policy (``model=``), prompts (``dataset=``), the reward mix (``reward=``,
+each component embedded or served by its own ``judge=``/``embedder=`` switch), TRL's
+``GRPOConfig`` from the ``trainer:`` node and a PEFT LoRA adapter from ``lora:``.
+Loop: TRL's ``GRPOTrainer``; ``RunLog`` writes every step to ``metrics.jsonl`` (each reward
+component, the total, loss, KL, learning rate, samples/s, reward-server failures), some sample
+completions to ``samples.jsonl``, and the same metrics to the tracker (``logger=``).
+Cleanup: the LoRA adapter in ``adapter/``, ``reward_curve.png`` and ``final.json``.
+
+With ``gpus > 1`` this process writes the accelerate/DeepSpeed files and re-launches itself
+with ``accelerate launch``; each rank then runs this same recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+from transformers import ProgressCallback, TrainerCallback
+
+from core.models.loading import build_causal_lm, device_for, load_tokenizer
+from core.rewards.base import RewardMix, as_text, trl_reward_func
+from core.tasks import job_overrides
+from core.training.layout import Layout, launch_command, layout_for, needs_launcher, write_launch_files
+from core.training.tracking import open_tracker
+
+matplotlib.use("Agg")
+log = logging.getLogger(__name__)
+
+
+class RewardRecorder:
+    """The mix's components as TRL reward functions that also keep the last batch they scored."""
+
+    def __init__(self, mix: RewardMix):
+        self.mix = mix
+        self.last: dict = {}
+
+    def reward_funcs(self) -> list:
+        """One TRL reward function per component, named after the component."""
+        funcs = []
+        for name, (fn, _weight) in self.mix.components.items():
+            funcs.append(self._recording(name, trl_reward_func(fn, name)))
+        return funcs
+
+    def weights(self) -> list[float]:
+        """The components' weights, in the order of ``reward_funcs``."""
+        return [weight for _fn, weight in self.mix.components.values()]
+
+    def _recording(self, name: str, func):
+        def reward_func(prompts=None, completions=None, **kwargs):
+            scores = func(prompts=prompts, completions=completions, **kwargs)
+            self.last.update(prompts=prompts, completions=completions)
+            self.last[name] = scores
+            return scores
+
+        reward_func.__name__ = name
+        return reward_func
+
+
+class RunLog(TrainerCallback):
+    """Writes each logged step to metrics.jsonl, samples.jsonl and the tracker (rank 0 only)."""
+
+    def __init__(
+        self, run_dir: Path, recorder: RewardRecorder, tracker, completions_per_step: int, samples_per_step: int = 4
+    ):
+        self.metrics_file = run_dir / "metrics.jsonl"
+        self.samples_file = run_dir / "samples.jsonl"
+        self.recorder, self.tracker = recorder, tracker
+        self.completions_per_step = completions_per_step
+        self.samples_per_step = samples_per_step
+        self.rows: list[dict] = []
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="GRPO", unit="step")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "reward" not in logs:
+            return
+        names = list(self.recorder.mix.components)
+        row = {"step": state.global_step, "reward/total": logs["reward"]}
+        row.update({f"reward/{n}": logs.get(f"rewards/{n}/mean") for n in names})
+        row.update(
+            loss=logs.get("loss"),
+            kl=logs.get("kl"),
+            lr=logs.get("learning_rate"),
+            completion_length=logs.get("completions/mean_length"),
+        )
+        if logs.get("step_time"):
+            row["samples_per_s"] = self.completions_per_step / logs["step_time"]
+        for name, failures in self.recorder.mix.failures().items():
+            row.update({f"failures/{name}/{k}": v for k, v in failures.items()})
+        self.rows.append(row)
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.tracker.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=state.global_step)
+        if self.bar is not None:
+            self.bar.set_postfix(reward=f"{row['reward/total']:.3f}", kl=f"{row['kl'] or 0:.2g}", refresh=False)
+        self._write_samples(state.global_step, names)
+
+    def _write_samples(self, step: int, names: list[str]) -> None:
+        last = self.recorder.last
+        with open(self.samples_file, "a") as f:
+            for i in range(min(self.samples_per_step, len(last.get("completions") or []))):
+                sample = {
+                    "step": step,
+                    "prompt": as_text(last["prompts"][i]),
+                    "completion": as_text(last["completions"][i]),
+                    "rewards": {n: last[n][i] for n in names if n in last},
+                }
+                f.write(json.dumps(sample) + "\n")
+
+
+def find_checkpoint(resume, checkpoints_dir: Path) -> str | None:
+    """The checkpoint to resume from: ``None``/false (none), ``latest``/true (the newest one in
+    this run's ``checkpoints/``), or a path to a checkpoint or to an earlier run dir."""
+    if resume in (None, False, "", "none"):
+        return None
+    if resume is True or resume == "latest":
+        where = checkpoints_dir
+    else:
+        where = Path(str(resume))
+        if (where / "trainer_state.json").exists():
+            return str(where)
+        if (where / "checkpoints").is_dir():
+            where = where / "checkpoints"
+    found = sorted(where.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if where.is_dir() else []
+    if not found:
+        raise FileNotFoundError(f"resume={resume}: no checkpoint-* under {where}")
+    return str(found[-1])
+
+
+def lora_config(node: Mapping, task_type: str = "CAUSAL_LM"):
+    """A PEFT ``LoraConfig`` from the ``lora:`` node (r, alpha, dropout, target_modules, modules_to_save)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=int(node["r"]),
+        lora_alpha=int(node["alpha"]),
+        lora_dropout=float(node["dropout"]),
+        target_modules=list(node["target_modules"]),
+        modules_to_save=list(node.get("modules_to_save") or []) or None,
+        task_type=task_type,
+    )
+
+
+def grpo_args(cfg, run_dir: Path, layout: Layout, weights: list[float], deepspeed_file: Path | None):
+    """TRL's ``GRPOConfig``: the ``trainer:`` node (GRPOConfig's own names) plus what the run decides."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        reward_weights=weights,
+        seed=int(cfg.seed),
+        report_to=[],
+        use_cpu=layout.device == "cpu",
+        bf16=layout.mixed_precision == "bf16",
+        deepspeed=str(deepspeed_file) if deepspeed_file else None,
+    )
+
+
+def plot_rewards(rows: list[dict], path: Path) -> None:
+    """Reward per step: the total and each component."""
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in [k for k in rows[0] if k.startswith("reward/")]:
+        values = [r.get(key) for r in rows]
+        ax.plot(
+            steps,
+            values,
+            marker="o",
+            markersize=3,
+            linewidth=2.2 if key == "reward/total" else 1.2,
+            label=key.split("/", 1)[1],
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward")
+    ax.set_title("GRPO reward per step")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _relaunch(layout: Layout, run_dir: Path) -> dict:
+    accelerate_file, _ = write_launch_files(layout, run_dir)
+    command = launch_command(accelerate_file, sys.argv, run_dir)
+    log.info("launching %d processes: %s", layout.num_processes, " ".join(command))
+    subprocess.run(command, check=True)
+    return json.loads((run_dir / "final.json").read_text())
+
+
+def run(cfg) -> dict:
+    """Entry point of ``python run.py train=grpo``: a causal LM on ``dataset=`` prompts."""
+
+    def build():
+        tokenizer = load_tokenizer(cfg.model)
+        model = build_causal_lm(cfg.model, tokenizer, device_for(int(cfg.gpus)))
+        return model, tokenizer, instantiate(cfg.dataset), instantiate(cfg.reward)
+
+    return train(cfg, build)
+
+
+def train(cfg, build) -> dict:
+    """The GRPO + LoRA recipe around any policy. ``build()`` returns (model, processing class,
+    train dataset, ``RewardMix``); it runs only in a process that trains (with ``gpus > 1``, after
+    the relaunch under accelerate, on every rank). The rest of ``cfg``: ``trainer``, ``lora``,
+    ``resume``, ``checkpoints``, ``logger``, ``deepspeed``, ``gpus``, ``seed``."""
+    run_dir = Path(cfg.paths.output_dir)
+    layout = layout_for(int(cfg.gpus), cfg.deepspeed.config)
+    if needs_launcher(layout):
+        return _relaunch(layout, run_dir)
+    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    deepspeed_file = write_launch_files(layout, run_dir)[1] if layout.deepspeed else None
+
+    model, processing_class, dataset, mix = build()
+    recorder = RewardRecorder(mix)
+    args = grpo_args(cfg, run_dir, layout, recorder.weights(), deepspeed_file)
+    tracker = open_tracker(cfg.logger, run_dir, cfg)
+    run_log = RunLog(
+        run_dir,
+        recorder,
+        tracker,
+        args.per_device_train_batch_size * args.gradient_accumulation_steps * layout.num_processes,
+    )
+
+    from trl import GRPOTrainer
+
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=recorder.reward_funcs(),
+        args=args,
+        train_dataset=dataset,
+        processing_class=processing_class,
+        peft_config=lora_config(cfg.lora),
+        callbacks=[run_log],
+    )
+    trainer.remove_callback(ProgressCallback)  # it prints every log dict; RunLog keeps a quieter bar
+    try:
+        trainer.train(resume_from_checkpoint=find_checkpoint(cfg.resume, run_dir / "checkpoints"))
+        if not trainer.is_world_process_zero():
+            return {}
+        trainer.save_model(str(run_dir / "adapter"))
+        return _finish(cfg, run_dir, run_log.rows, recorder.mix)
+    finally:
+        tracker.finish()
+
+
+def _finish(cfg, run_dir: Path, rows: list[dict], mix: RewardMix) -> dict:
+    if rows:
+        plot_rewards(rows, run_dir / "reward_curve.png")
+    if cfg.checkpoints.cleanup_at_end:  # as the Lewis reference scripts, keep only the final adapter
+        for checkpoint in (run_dir / "checkpoints").glob("checkpoint-*"):
+            shutil.rmtree(checkpoint)
+    tail = rows[-3:]
+    final = {
+        "steps": rows[-1]["step"] if rows else 0,
+        "start_reward": rows[0]["reward/total"] if rows else None,
+        "final_reward": sum(r["reward/total"] for r in tail) / len(tail) if tail else None,
+        "components": {k: v for k, v in (rows[-1] if rows else {}).items() if k.startswith("reward/")},
+        "failures": mix.failures(),
+        "overrides": job_overrides(),
+        "device": "cuda" if torch.cuda.is_available() and int(cfg.gpus) > 0 else "cpu",
+    }
+    (run_dir / "final.json").write_text(json.dumps(final, indent=2))
+    log.info("final reward %.4f after %d steps; outputs in %s", final["final_reward"] or 0, final["steps"], run_dir)
+    return final
