@@ -150,8 +150,11 @@ def test_two_ray_workers_survive_one_killed_mid_request(tmp_path):
         tmp_path,
         "service=infogain",
         "engine.workers=2",
-        "ig.num_generations=4",
-        "ig.max_new_tokens=24",
+        *SMALL,
+        # tiny models, with enough tokens to keep both workers busy for seconds
+        "ig.num_generations=8",
+        "ig.max_new_tokens=64",
+        "entailment@ig.entailment=exact",
         "server.max_concurrency=16",
     ) as server:
         health = httpx.get(f"{server.url}/health").json()
