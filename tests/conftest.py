@@ -92,6 +92,22 @@ def tiny_model_cfg() -> dict:
     return OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/tiny_lm.yaml"))
 
 
+@pytest.fixture(scope="session")
+def smollm2_cfg() -> dict:
+    """The packaged SmolLM2-135M-Instruct's model config, as plain data."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/smollm2-135m.yaml"), resolve=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_cfg):
+    """SmolLM2's tokenizer (a real byte-level BPE: text survives encode/decode unchanged)."""
+    from core.models.loading import load_tokenizer
+
+    return load_tokenizer(smollm2_cfg)
+
+
 def scripted_openai_app(replies: dict[str, str], default: str, seen: list[dict]):
     """A stand-in for a vLLM OpenAI server (an external service): the chat reply is the first
     ``replies`` value whose key occurs in the prompt, else ``default``; request bodies go to ``seen``."""

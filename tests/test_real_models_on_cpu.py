@@ -13,7 +13,6 @@ import httpx
 import openai
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from conftest import ROOT, run_cli
 from core.models.generation import SamplingParams
@@ -30,11 +29,6 @@ from ppo_server.samples import parse_sample
 pytestmark = pytest.mark.slow
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 QUESTION = "What is the capital of France? Answer in one short sentence."
-
-
-@pytest.fixture(scope="module")
-def smollm2_cfg() -> dict:
-    return OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/smollm2-135m.yaml"), resolve=True)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,147 @@
+"""verl 0.9 calls our rewards through its own code: its ``ppo_trainer`` config, its loader
+(``load_reward_manager``), its reward-loop managers (naive, dapo) and real ``DataProto`` batches,
+against live servers on loopback. The overrides are the ones docs/rewards.md tells users to paste."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import verl  # installed by the README's test command (tests/requirements-no-deps.txt)
+from hydra import compose, initialize_config_dir
+from verl import DataProto
+from verl.trainer.ppo.reward import load_reward_manager
+
+from conftest import free_port
+
+VERL_CONF = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+
+
+def verl_config(path: str, name: str, manager: str = "naive", *extra: str):
+    """verl's own ppo_trainer config with the overrides a user pastes."""
+    with initialize_config_dir(VERL_CONF, version_base=None):
+        return compose(
+            "ppo_trainer",
+            overrides=[
+                f"reward.custom_reward_function.path={path}",
+                f"reward.custom_reward_function.name={name}",
+                f"reward.reward_manager.name={manager}",
+                *extra,
+            ],
+        )
+
+
+def batch(tok, rows: list[dict]) -> DataProto:
+    """A rollout batch as verl's trainer hands it to the reward loop: left-padded prompts,
+    right-padded responses, one attention mask, and the dataset's non-tensor fields."""
+    prompts = [tok.encode(r.get("prompt", "question"), add_special_tokens=False) for r in rows]
+    responses = [tok.encode(r["response"], add_special_tokens=False) for r in rows]
+    p_len, r_len = max(map(len, prompts)), max(map(len, responses))
+    pad = tok.pad_token_id
+    prompt_ids = torch.tensor([[pad] * (p_len - len(p)) + p for p in prompts])
+    response_ids = torch.tensor([r + [pad] * (r_len - len(r)) for r in responses])
+    mask = torch.tensor(
+        [
+            [0] * (p_len - len(p)) + [1] * len(p) + [1] * len(r) + [0] * (r_len - len(r))
+            for p, r in zip(prompts, responses, strict=True)
+        ]
+    )
+    return DataProto.from_dict(
+        tensors={"prompts": prompt_ids, "responses": response_ids, "attention_mask": mask},
+        non_tensors={
+            "data_source": np.array([r["data_source"] for r in rows], dtype=object),
+            "reward_model": np.array([{"ground_truth": r["ground_truth"]} for r in rows], dtype=object),
+            "extra_info": np.array([dict(r.get("extra_info", {})) for r in rows], dtype=object),
+        },
+    )
+
+
+def score_with_verl(tok, config, rows: list[dict]) -> list[dict]:
+    """What verl's reward loop does with each sample: ``run_single`` on its manager's event loop."""
+    manager = load_reward_manager(config, tok)
+    data = batch(tok, rows)
+    return [manager.loop.run_until_complete(manager.run_single(data[i : i + 1])) for i in range(len(data))]
+
+
+@pytest.mark.parametrize("manager", ["naive", "dapo"])
+def test_verl_scores_embedding_rewards_through_its_managers(smollm2_tokenizer, embedding_server, monkeypatch, manager):
+    monkeypatch.setenv("EMBEDDING_SERVER_URL", embedding_server.url)
+    rows = [
+        {
+            "data_source": "embedding_remote_qa",
+            "response": "Paris is the capital of France.",
+            "ground_truth": "Paris is the capital of France.",
+        },
+        {
+            "data_source": "embedding_remote_qa",
+            "response": "France's capital city is Paris.",
+            "ground_truth": "Paris is the capital of France.",
+        },
+        {
+            "data_source": "embedding_remote_qa",
+            "response": "I like green bicycles.",
+            "ground_truth": "Paris is the capital of France.",
+        },
+    ]
+    results = score_with_verl(
+        smollm2_tokenizer, verl_config("pkg://judges.verl_rewards", "compute_score", manager), rows
+    )
+    exact, paraphrase, unrelated = (r["reward_score"] for r in results)
+    assert exact == pytest.approx(1.0, abs=1e-3) and exact > paraphrase > unrelated + 0.2
+
+
+def test_verl_default_scorer_takes_other_data_sources(smollm2_tokenizer):
+    rows = [
+        {"data_source": "openai/gsm8k", "response": "so the answer is #### 42", "ground_truth": "42"},
+        {"data_source": "openai/gsm8k", "response": "so the answer is #### 41", "ground_truth": "42"},
+    ]
+    results = score_with_verl(smollm2_tokenizer, verl_config("pkg://judges.verl_rewards", "compute_score"), rows)
+    assert [r["reward_score"] for r in results] == [1.0, 0.0]
+
+
+def test_search_r1_ground_truth_and_a_dead_infogain_service(smollm2_tokenizer, monkeypatch):
+    # verl's Search-R1 data keeps the answers as {"target": array([...])}; the exact-match part must
+    # count even when the InfoGain service is down (its term is 0.0 then).
+    monkeypatch.setenv("IG_SERVICE_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("IG_TIMEOUT", "2")
+    truth = {"target": np.array(["Paris"], dtype=object)}
+    rows = [
+        {
+            "data_source": "nq",
+            "response": "<answer>paris</answer>",
+            "ground_truth": truth,
+            "extra_info": {"question": "capital of france?"},
+        },
+        {
+            "data_source": "nq",
+            "response": "<answer>lyon</answer>",
+            "ground_truth": truth,
+            "extra_info": {"question": "capital of france?"},
+        },
+    ]
+    results = score_with_verl(
+        smollm2_tokenizer, verl_config("pkg://infogain.verl_rewards", "qa_em_ig_compute_score"), rows
+    )
+    assert [r["reward_score"] for r in results] == [1.0, 0.0]
+
+
+def test_reward_kwargs_reach_the_reward(smollm2_tokenizer, embedding_server, monkeypatch):
+    monkeypatch.setenv("EMBEDDING_SERVER_URL", embedding_server.url)
+    long = "paris is the capital of france and it is a large city with many museums and old bridges."
+    rows = [{"data_source": "embedding_remote_qa", "response": long, "ground_truth": "Paris is the capital of France."}]
+    plain = score_with_verl(
+        smollm2_tokenizer, verl_config("pkg://judges.verl_rewards", "embedding_compute_score"), rows
+    )
+    penalised = score_with_verl(
+        smollm2_tokenizer,
+        verl_config(
+            "pkg://judges.verl_rewards",
+            "embedding_compute_score",
+            "naive",
+            "+reward.custom_reward_function.reward_kwargs.length_penalty=ratio",
+        ),
+        rows,
+    )
+    assert penalised[0]["reward_score"] < plain[0]["reward_score"] - 0.1
