@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -289,3 +290,82 @@ def test_packaged_smollm2_is_converted_once_by_concurrent_processes(tmp_path):
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(folder).architectures == ["LlamaForCausalLM"]
+
+
+# The reference systems' documented settings, value for value (their READMEs' tables and commands).
+INFOGAIN_REFERENCE = {
+    "model_path": "Qwen/Qwen2.5-3B",
+    "device": "cuda:0",
+    "num_generations": 10,
+    "sub_batch_size": 10,
+    "temperature": 1.0,
+    "max_new_tokens": 128,
+    "max_context_words": 4096,
+    "prompt_type": "default",
+    "computation_chunk_size": 8,
+    "max_concurrent_requests": 4,
+    "num_gpus": 1,
+    "port": 8000,
+    "entailment": "microsoft/deberta-v2-xlarge-mnli",
+}
+
+
+def test_infogain_reference_experiment_matches_the_reference_service(monkeypatch):
+    for name in [v for v in os.environ if v.startswith("IG_")]:
+        monkeypatch.delenv(name)
+    cfg = composed("experiment=infogain_reference")
+    OmegaConf.resolve(cfg)
+    ig = cfg.engine.engine
+    assert {
+        "model_path": ig.generator.model.name_or_path,
+        "device": cfg.engine.device,
+        "num_generations": ig.num_generations,
+        "sub_batch_size": ig.sub_batch_size,
+        "temperature": ig.temperature,
+        "max_new_tokens": ig.max_new_tokens,
+        "max_context_words": ig.max_context_words,
+        "prompt_type": ig.prompt_type,
+        "computation_chunk_size": ig.computation_chunk_size,
+        "max_concurrent_requests": cfg.server.max_concurrency,
+        "num_gpus": cfg.gpus,
+        "port": cfg.server.port,
+        "entailment": ig.entailment.model.name_or_path,
+    } == INFOGAIN_REFERENCE
+    assert (
+        ig.entailment._target_ == "infogain.entailment.NLIEntailment"
+        and cfg.task._target_ == "core.serving.run_service"
+    )
+    # the reference's variables still win, and the entailment model has one too
+    monkeypatch.setenv("IG_NUM_GPUS", "4")
+    monkeypatch.setenv("IG_ENTAILMENT_MODEL", "my-org/my-mnli")
+    cfg = composed("experiment=infogain_reference")
+    assert cfg.gpus == 4 and cfg.engine.engine.entailment.model.name_or_path == "my-org/my-mnli"
+
+
+def test_llm_judge_and_embedding_reference_experiments_match_the_reference_deployments(monkeypatch):
+    for name in (
+        "LLM_JUDGE_SERVER_TIMEOUT",
+        "EMBEDDING_SERVER_TIMEOUT",
+        "LLM_JUDGE_SERVER_PORT",
+        "EMBEDDING_SERVER_PORT",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    judge = composed("experiment=llm_judge_reference")
+    fn = judge.reward.components.llm_judge.fn
+    assert (judge.model.name_or_path, judge.server.port, judge.app.default_max_tokens) == ("Qwen/Qwen3-32B", 8000, 512)
+    assert (fn.mode, fn.prompt_template, fn.temperature, fn.top_p, fn.max_new_tokens) == (
+        "text",
+        "default",
+        0.7,
+        0.8,
+        512,
+    )
+    assert (fn.enable_thinking, fn.batch_size, judge.judge.timeout) == (False, 128, 60)
+    embedding = composed("experiment=embedding_reference")
+    fn = embedding.reward.components.embedding.fn
+    assert (embedding.model.name_or_path, embedding.server.port, embedding.embedder.timeout) == (
+        "Qwen/Qwen3-Embedding-8B",
+        8080,
+        30,
+    )
+    assert (fn.length_penalty, fn.length_threshold, fn.cache_enabled, fn.cache_size) == ("none", 1.5, True, 10000)

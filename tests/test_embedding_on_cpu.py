@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import free_port
+from conftest import ThreadServer, free_port
 from core.models.embedding_client import EmbeddingClient
 from core.rewards.base import RewardSample, trl_reward_func, verl_batched, verl_compute_score
 from judges.embedding_reward import EmbeddingSimilarityReward, length_factor, lexical_similarity
@@ -188,6 +188,29 @@ def test_server_down_falls_back_to_lexical_within_timeout():
     assert time.monotonic() - started < 2
     assert scores == [lexical_similarity("hello world", "hello there world"), lexical_similarity("abc", "abd")]
     assert reward.stats["requests_failed"] == 1 and reward.stats["fallback_samples"] == 2
+
+
+def test_a_failing_server_costs_one_request_not_one_per_sample():
+    # verl's reward loop calls the single form once per sample: with the server failing, only the
+    # first call pays the retries; the circuit breaker answers the others at once (lexical fallback).
+    from core.serving.app import ServerSettings, create_app
+    from core.serving.errors import APIError
+
+    seen = []
+    app = create_app("failing-embedder", ServerSettings())
+
+    @app.post("/embed")
+    async def _embed():
+        seen.append(1)
+        raise APIError(503, "overloaded")
+
+    with ThreadServer(app) as server:
+        client = EmbeddingClient(server.url, timeout=2, max_retries=3)
+        client.http.backoff_s = 0.01
+        score = verl_compute_score(EmbeddingSimilarityReward(client, cache_enabled=False))
+        scores = [score("embedding_remote_qa", f"answer {i}", "answer") for i in range(8)]
+    assert len(seen) == 4  # 1 + 3 retries, once
+    assert scores == [lexical_similarity(f"answer {i}", "answer") for i in range(8)]
 
 
 def test_server_url_in_extra_info_overrides_the_default(embedding_server):

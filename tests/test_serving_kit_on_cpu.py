@@ -181,6 +181,48 @@ def test_client_gives_up_on_unreachable_server_within_backoff_budget():
     assert time.monotonic() - started < 1.0
 
 
+def outage_app(state: dict):
+    """A server that answers 503 while ``state["down"]`` and counts every request it sees."""
+    app = create_app("outage", ServerSettings())
+
+    @app.post("/work")
+    async def _work():
+        state["seen"] += 1
+        if state["down"]:
+            raise APIError(503, "down for maintenance")
+        return {"ok": True}
+
+    return app
+
+
+def test_circuit_breaker_fails_fast_while_down_and_probes_after_the_cooldown():
+    state = {"down": True, "seen": 0}
+    with ThreadServer(outage_app(state)) as server:
+        client = HTTPClient(server.url, timeout=2, max_retries=3, backoff_s=0.01, breaker_cooldown_s=0.5)
+        for _ in range(10):
+            with pytest.raises(ServiceError):
+                client.post("/work", {})
+        assert state["seen"] == 4  # one request's four attempts; the other nine never left the client
+        with pytest.raises(ServiceError, match="circuit open"):
+            client.post("/work", {})
+        time.sleep(0.6)
+        with pytest.raises(ServiceError, match="503"):
+            client.post("/work", {})  # the probe: one attempt, and the circuit opens again
+        assert state["seen"] == 5
+        state["down"] = False
+        time.sleep(0.6)
+        assert client.post("/work", {}) == {"ok": True}  # the probe succeeds: closed again
+        assert client.post("/work", {}) == {"ok": True} and state["seen"] == 7
+
+
+def test_client_errors_never_open_the_circuit(kit):
+    client = HTTPClient(kit.url, timeout=2, max_retries=0)
+    for _ in range(3):
+        with pytest.raises(ServiceError):
+            client.post("/sum", {"items": []})
+    assert client.post("/sum", {"items": [1, 2]}) == {"sum": 3}
+
+
 def test_chunks():
     assert [list(c) for c in chunks([1, 2, 3, 4, 5], 2)] == [[1, 2], [3, 4], [5]]
     with pytest.raises(ValueError):

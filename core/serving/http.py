@@ -2,12 +2,16 @@
 
 One ``httpx.Client`` per base URL keeps connections alive; transient failures (connection
 refused, timeouts, 429 and 5xx answers) are retried with exponential backoff; a 4xx answer is
-final and raised with the server's own error message.
+final and raised with the server's own error message. A circuit breaker keeps a dead server
+from costing the full retry ladder on every call: once ``breaker_after`` requests in a row have
+failed that way, calls fail at once for ``breaker_cooldown_s``; then one attempt probes the
+server, and a success closes the circuit.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
@@ -51,6 +55,9 @@ class HTTPClient:
         max_retries: extra attempts after the first for transient failures.
         backoff_s: first pause; doubled after each failed attempt.
         max_connections: size of the connection pool.
+        breaker_after: requests in a row that failed after their retries before the circuit
+            opens (0 = never).
+        breaker_cooldown_s: how long an open circuit refuses calls before the next probe.
     """
 
     def __init__(
@@ -61,6 +68,8 @@ class HTTPClient:
         max_retries: int = 3,
         backoff_s: float = 0.25,
         max_connections: int = 100,
+        breaker_after: int = 1,
+        breaker_cooldown_s: float = 5.0,
     ):
         if not base_url or not base_url.startswith(("http://", "https://")):
             raise ValueError(f"server URL must start with http:// or https://, got {base_url!r}")
@@ -68,6 +77,10 @@ class HTTPClient:
         self.timeout = float(timeout)
         self.max_retries = int(max_retries)
         self.backoff_s = float(backoff_s)
+        self.breaker_after, self.breaker_cooldown_s = int(breaker_after), float(breaker_cooldown_s)
+        self._failures_in_row = 0
+        self._open_until = 0.0
+        self._breaker_lock = threading.Lock()
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(
             base_url=self.base_url,
@@ -86,8 +99,49 @@ class HTTPClient:
 
     def request(self, method: str, path: str, payload: Any = None) -> Any:
         """Send one request, retrying transient failures; raise ``ServiceError`` when it cannot succeed."""
+        attempts = self._attempts_allowed(method, path)
+        try:
+            result = self._send(method, path, payload, attempts)
+        except ServiceError as exc:
+            # a 4xx is the caller's mistake from a live server, not a sign the server is down
+            self._record(failed=exc.status is None or exc.status in RETRYABLE_STATUS)
+            raise
+        self._record(failed=False)
+        return result
+
+    def _attempts_allowed(self, method: str, path: str) -> int:
+        """All attempts while the circuit is closed, one probe once an open circuit cooled down;
+        ``ServiceError`` at once while it is open."""
+        with self._breaker_lock:
+            if not self.breaker_after or self._failures_in_row < self.breaker_after:
+                return self.max_retries + 1
+            left = self._open_until - time.monotonic()
+            if left > 0:
+                raise ServiceError(
+                    f"{method} {self.base_url}{path}: not sent, the server failed {self._failures_in_row} "
+                    f"request(s) in a row (circuit open for {left:.1f}s more)"
+                )
+            self._open_until = time.monotonic() + self.breaker_cooldown_s  # other threads wait for the probe
+            return 1
+
+    def _record(self, failed: bool) -> None:
+        with self._breaker_lock:
+            if not failed:
+                self._failures_in_row = 0
+                return
+            self._failures_in_row += 1
+            if self.breaker_after and self._failures_in_row >= self.breaker_after:
+                self._open_until = time.monotonic() + self.breaker_cooldown_s
+                log.warning(
+                    "%s failed %d request(s) in a row: calls fail at once for %.0fs",
+                    self.base_url,
+                    self._failures_in_row,
+                    self.breaker_cooldown_s,
+                )
+
+    def _send(self, method: str, path: str, payload: Any, attempts: int) -> Any:
         last: ServiceError | None = None
-        for attempt in range(self.max_retries + 1):
+        for attempt in range(attempts):
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
