@@ -11,6 +11,7 @@ import httpx
 import pytest
 import torch
 
+from conftest import run_cli
 from core.rewards.base import RewardSample
 from core.serving.local_server import LocalServer, free_port
 from lewis.clients import ListenerClient
@@ -18,7 +19,6 @@ from lewis.data import ATTRIBUTES, load_games, make_shapes
 from lewis.engines import ListenerEngine, parse_description
 from lewis.images import to_data_uri
 from lewis.rewards import QUESTION, ListenerAccuracy, OneSentence, TagFormat
-from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -248,10 +248,10 @@ def test_inference_variables_set_the_gate_and_a_waiting_request_gets_503(monkeyp
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from conftest import ThreadServer
     from core.serving.app import ServerSettings
     from core.serving.local_server import ROOT
     from lewis.apps import listener_app
-    from tests.conftest import ThreadServer
 
     monkeypatch.setenv("INFERENCE_CONCURRENCY", "3")
     monkeypatch.setenv("INFERENCE_ACQUIRE_TIMEOUT", "7")

@@ -10,6 +10,7 @@ import httpx
 import pytest
 import torch
 
+from conftest import ThreadServer
 from core.serving.app import ServerSettings
 from core.serving.local_server import LocalServer
 from ppo_server.apps import policy_app, value_app
@@ -17,7 +18,6 @@ from ppo_server.clients import PolicyClient, ValueClient
 from ppo_server.decoding import DecodeSpec
 from ppo_server.policy_engine import PolicyEngine, PolicyModel
 from ppo_server.value_engine import ValueEngine, ValueModel
-from tests.conftest import ThreadServer
 
 # Lengths below count the prompt too (as max_output_length does): the chat template adds about 25
 # tokens of the tiny tokenizer.
