@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from core.rewards.base import RewardSample, references
+from core.rewards.base import RewardSample, count_failure, references
 from core.rewards.builtin import extract_answer, normalize_answer
 from infogain.protocols import InfoGainScorer
 
@@ -52,7 +52,7 @@ class QAExactMatchIG:
         if items:
             for i, result in zip(owners, self.scorer.compute(items), strict=True):
                 if result["score"] is None:
-                    self.stats["ig_errors"] += 1
+                    count_failure(self.stats, "ig_errors")
                 else:
                     scores[i] += self.ig_weight * result["score"]
         self.stats["samples"] += len(samples)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from functools import cache
 
-from core.rewards.base import verl_compute_score
+from core.rewards.base import verl_async, verl_compute_score
 from infogain.client import InfoGainClient
 from infogain.reward import QAExactMatchIG
 
@@ -35,3 +35,7 @@ def _reward():
 def qa_em_ig_compute_score(*args, **kwargs):
     """EM of the last ``<answer>`` + 0.6 × ΔIG of the ``<information>`` blocks (single or batched form)."""
     return _reward()(*args, **kwargs)
+
+
+# The same for verl's reward loop to await.
+qa_em_ig_compute_score_async = verl_async(qa_em_ig_compute_score)

@@ -31,7 +31,7 @@ import numpy as np
 
 from core.models.embedding_client import EmbeddingClient
 from core.models.protocols import Embedder
-from core.rewards.base import RewardSample, references
+from core.rewards.base import RewardSample, count_failure, references
 from core.rewards.cache import LRUCache
 from core.serving.errors import ServiceError
 from judges.references import filter_references
@@ -165,8 +165,8 @@ class EmbeddingSimilarityReward:
             try:
                 vectors = self._vectors(embedder, texts, use_cache)
             except ServiceError as exc:
-                self.stats["requests_failed"] += 1
-                self.stats["fallback_samples"] += len(idx)
+                count_failure(self.stats, "requests_failed")
+                count_failure(self.stats, "fallback_samples", len(idx))
                 log.warning(
                     "embedding server failed (%s); falling back to %s similarity for %d samples",
                     exc,

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from core.models.generation_client import GenerationClient
 from core.models.protocols import TextGenerator
-from core.rewards.base import RewardSample, references
+from core.rewards.base import RewardSample, count_failure, references
 from core.serving.errors import ServiceError
 from core.serving.http import chunks
 from judges.prompts import judge_sampling, judge_score, render, resolve_template
@@ -126,14 +126,14 @@ class LLMJudgeReward:
         try:
             replies = generator.chat(conversations, params, enable_thinking=thinking)
         except ServiceError as exc:
-            self.stats["requests_failed"] += 1
+            count_failure(self.stats, "requests_failed")
             log.warning("LLM judge server failed (%s); scoring %d pairs 0.0", exc, len(part))
             return [0.0] * len(part)
         scores = []
         for reply in replies:
             score = judge_score(self.mode, reply[0])
             if score is None:
-                self.stats["parse_failures"] += 1
+                count_failure(self.stats, "parse_failures")
                 score = 0.0
             scores.append(score)
         return scores

@@ -7,7 +7,9 @@
 
 Each function takes verl's single form ``(data_source, solution_str, ground_truth, extra_info)``
 and its batched keyword form (``data_sources=..., solution_strs=..., ...``, as the batch reward
-manager calls it). The servers come from the reference rewards' environment variables, read at first use:
+manager calls it); each has an ``async`` twin (``..._async``) for verl's reward loop to await, and
+``reward_kwargs.return_dict=true`` makes the single form return ``{score, <failure counts>}``.
+The servers come from the reference rewards' environment variables, read at first use:
 ``EMBEDDING_SERVER_URL`` / ``_API_KEY`` / ``_TIMEOUT`` (default 30 s) and ``LLM_JUDGE_SERVER_URL``
 / ``_API_KEY`` / ``_TIMEOUT`` (default 60 s); ``extra_info`` overrides per sample as the reference rewards do.
 """
@@ -19,7 +21,7 @@ from functools import cache
 
 from core.models.embedding_client import EmbeddingClient
 from core.models.generation_client import GenerationClient
-from core.rewards.base import verl_compute_score, verl_entry
+from core.rewards.base import verl_async, verl_compute_score, verl_entry
 from judges.embedding_reward import EmbeddingSimilarityReward
 from judges.llm_judge import LLMJudgeReward
 
@@ -104,11 +106,29 @@ def _route_batch(data_sources, solution_strs, ground_truths, extra_infos=None, *
     return scores
 
 
-def _route_one(data_source, solution_str, ground_truth, extra_info=None, **reward_kwargs):
-    return _route(data_source)(data_source, solution_str, ground_truth, extra_info, **reward_kwargs)
+# With return_dict, every sample reports the same keys whichever reward scored it (verl lines
+# up reward_extra_info by key across the batch).
+ROUTED_FAILURE_KEYS = tuple(dict.fromkeys(LLMJudgeReward.failure_keys + EmbeddingSimilarityReward.failure_keys))
+
+
+def _route_one(data_source, solution_str, ground_truth, extra_info=None, return_dict=False, **reward_kwargs):
+    scorer = _route(data_source)
+    if not return_dict:
+        return scorer(data_source, solution_str, ground_truth, extra_info, **reward_kwargs)
+    if scorer is _verl_default:
+        result = {"score": float(scorer(data_source, solution_str, ground_truth, extra_info, **reward_kwargs))}
+    else:
+        result = scorer(data_source, solution_str, ground_truth, extra_info, return_dict=True, **reward_kwargs)
+    return {"score": result["score"], **{key: result.get(key, 0) for key in ROUTED_FAILURE_KEYS}}
 
 
 # One entry point for a mixed dataset: each sample goes to the reward its ``data_source`` prefix
 # names (``llm_judge*`` → the LLM judge, ``embedding*`` → embedding similarity), anything else to
 # verl's own default scorer; single and batched forms, as the other entry points.
 compute_score = verl_entry(_route_one, _route_batch, "compute_score")
+
+
+# The same three for verl's reward loop to await (it runs coroutine functions on its event loop).
+embedding_compute_score_async = verl_async(embedding_compute_score)
+llm_judge_compute_score_async = verl_async(llm_judge_compute_score)
+compute_score_async = verl_async(compute_score)

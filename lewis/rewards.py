@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from core.rewards.base import RewardSample
+from core.rewards.base import RewardSample, count_failure
 from core.rewards.cache import LRUCache
 from core.training.dist import all_gather_object_fallback, get_world_info
 from lewis.engines import parse_description
@@ -131,7 +131,7 @@ class ListenerAccuracy:
             results = [{"error": f"{type(exc).__name__}: {exc}"}] * len(batch)
         failed = sum(1 for r in results if "error" in r)
         if failed:
-            self.stats["requests_failed"] += failed
+            count_failure(self.stats, "requests_failed", failed)
             log.warning("listener could not score %d of %d items; they score 0.0", failed, len(batch))
         return dict(zip(keys, results, strict=True))
 

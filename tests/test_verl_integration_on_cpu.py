@@ -145,3 +145,50 @@ def test_reward_kwargs_reach_the_reward(smollm2_tokenizer, embedding_server, mon
         rows,
     )
     assert penalised[0]["reward_score"] < plain[0]["reward_score"] - 0.1
+
+
+def test_async_entry_points_score_the_same_in_verls_loop(smollm2_tokenizer, embedding_server, monkeypatch):
+    monkeypatch.setenv("EMBEDDING_SERVER_URL", embedding_server.url)
+    rows = [
+        {
+            "data_source": "embedding_remote_qa",
+            "response": "France's capital city is Paris.",
+            "ground_truth": "Paris is the capital of France.",
+        },
+        {"data_source": "openai/gsm8k", "response": "so the answer is #### 42", "ground_truth": "42"},
+    ]
+    sync = score_with_verl(smollm2_tokenizer, verl_config("pkg://judges.verl_rewards", "compute_score"), rows)
+    config = verl_config("pkg://judges.verl_rewards", "compute_score_async")
+    assert load_reward_manager(config, smollm2_tokenizer).is_async_reward_score  # verl awaits it
+    awaited = score_with_verl(smollm2_tokenizer, config, rows)
+    assert [r["reward_score"] for r in awaited] == pytest.approx([r["reward_score"] for r in sync])
+    assert awaited[1]["reward_score"] == 1.0
+
+
+def test_failures_reach_verls_reward_extra_info(smollm2_tokenizer):
+    # return_dict: each sample's failure counts travel with its score into verl's reward_extra_info.
+    from judges.embedding_reward import lexical_similarity
+
+    dead = {"server_url": f"http://127.0.0.1:{free_port()}", "timeout": 1}
+    rows = [
+        {
+            "data_source": "embedding_remote_qa",
+            "response": "the capital is paris",
+            "ground_truth": "paris is the capital",
+            "extra_info": dead,
+        },
+        {"data_source": "openai/gsm8k", "response": "so the answer is #### 42", "ground_truth": "42"},
+    ]
+    config = verl_config(
+        "pkg://judges.verl_rewards",
+        "compute_score",
+        "naive",
+        "+reward.custom_reward_function.reward_kwargs.return_dict=true",
+    )
+    embedded, gsm8k = score_with_verl(smollm2_tokenizer, config, rows)
+    assert embedded["reward_score"] == pytest.approx(lexical_similarity("the capital is paris", "paris is the capital"))
+    assert (
+        embedded["reward_extra_info"]["requests_failed"] == 1 and embedded["reward_extra_info"]["fallback_samples"] == 1
+    )
+    assert gsm8k["reward_score"] == 1.0 and gsm8k["reward_extra_info"]["requests_failed"] == 0
+    assert set(embedded["reward_extra_info"]) == set(gsm8k["reward_extra_info"])  # verl lines them up by key

@@ -7,12 +7,18 @@ scoring a batch of ``RewardSample``s. The adapters turn one into
   (and the batched keyword form ``compute_score(data_sources=..., solution_strs=..., ...)``
   that verl's batch reward manager uses), and
 * TRL's ``reward_func(prompts, completions, **dataset_columns) -> list[float]``.
+
+``verl_async`` gives any of verl's forms an ``async`` twin, for verl's reward loop to await.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
+import functools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -21,6 +27,30 @@ log = logging.getLogger(__name__)
 GROUND_TRUTH_KEYS = ("ground_truth", "solution", "answer", "answers")
 # Keys of a dict ground truth that hold the references (verl's Search-R1 data: {"target": array([...])}).
 NESTED_GROUND_TRUTH_KEYS = ("target", *GROUND_TRUTH_KEYS)
+
+
+# The failure counts of the scoring call in progress on this thread (see ``failure_scope``).
+_FAILURES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("reward_failures", default=None)
+
+
+def count_failure(stats: dict, key: str, n: int = 1) -> None:
+    """Add ``n`` to a reward's ``stats[key]`` and to the enclosing ``failure_scope``, if any."""
+    stats[key] = stats.get(key, 0) + n
+    scope = _FAILURES.get()
+    if scope is not None:
+        scope[key] = scope.get(key, 0) + n
+
+
+@contextlib.contextmanager
+def failure_scope() -> Iterator[dict]:
+    """The failures counted (``count_failure``) by the scoring done inside this block, on this
+    thread only: concurrent calls from verl's thread pool each see their own."""
+    scope: dict = {}
+    token = _FAILURES.set(scope)
+    try:
+        yield scope
+    finally:
+        _FAILURES.reset(token)
 
 
 @dataclass
@@ -153,13 +183,32 @@ def verl_compute_score(reward: RewardFunction) -> Callable[..., float | list[flo
 
     Other keyword arguments (verl's ``custom_reward_function.reward_kwargs``) set the reward's
     per-sample options for every sample, as ``extra_info`` would; a sample's own ``extra_info`` wins.
+    ``return_dict=True`` makes the single form return ``{"score", <each failure key>: count}``,
+    which verl's reward loop records in ``reward_extra_info`` (so failures show in its logs).
     """
+    failure_keys = tuple(getattr(reward, "failure_keys", ()))
 
-    def single(data_source, solution_str, ground_truth, extra_info=None, **reward_kwargs) -> float:
+    def single(data_source, solution_str, ground_truth, extra_info=None, return_dict=False, **reward_kwargs):
         info = {**reward_kwargs, **(extra_info or {})}
-        return float(reward([RewardSample(solution_str or "", ground_truth, "", info, data_source or "")])[0])
+        with failure_scope() as failed:
+            score = float(reward([RewardSample(solution_str or "", ground_truth, "", info, data_source or "")])[0])
+        if not return_dict:
+            return score
+        return {"score": score, **{key: failed.get(key, 0) for key in failure_keys}}
 
     return verl_entry(single, verl_batched(reward), f"{reward.name}_compute_score")
+
+
+def verl_async(compute_score: Callable[..., Any]) -> Callable[..., Any]:
+    """An ``async`` twin of a verl entry point (same arguments and result), run in a worker thread
+    so verl's event loop keeps scoring other samples meanwhile."""
+
+    @functools.wraps(compute_score)
+    async def compute_score_async(*args, **kwargs):
+        return await asyncio.to_thread(compute_score, *args, **kwargs)
+
+    compute_score_async.__name__ = f"{compute_score.__name__}_async"
+    return compute_score_async
 
 
 def verl_batched(reward: RewardFunction) -> Callable[..., list[float]]:
