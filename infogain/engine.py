@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from core.models.generation import SamplingParams
 from core.models.protocols import TextGenerator
+from core.serving.cancel import check_abandoned
 from infogain.entailment import PairCache
 from infogain.measure import (
     ConditionResult,
@@ -144,6 +145,7 @@ class InfoGainEngine:
         prompt type goes through the generator's chat template, the others are continued as text."""
         out = []
         for start in range(0, len(prompts), self.sub_batch_size):
+            check_abandoned("InfoGain sampling")
             part = list(prompts[start : start + self.sub_batch_size])
             if self.chat:
                 out.extend(self.generator.chat([[{"role": "user", "content": p}] for p in part], self.params))

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from core.models.loading import device_for, has_random_weights
+from core.serving.cancel import check_abandoned
 from lewis.images import ImageStore
 from lewis.vlm import build_vlm, load_processor
 
@@ -93,6 +94,7 @@ class ListenerEngine(_VLMPlayer):
         """p(yes) for each (image, question) pair, ``batch_size`` pairs per model call."""
         out: list[float] = []
         for start in range(0, len(images), self.batch_size):
+            check_abandoned("listener scoring")
             rendered = {q: self._chat(1, q) for q in set(questions[start : start + self.batch_size])}
             texts = [rendered[q] for q in questions[start : start + self.batch_size]]
             enc = self._inputs(texts, images[start : start + self.batch_size])

@@ -308,3 +308,26 @@ def test_speaker_7b_experiment_has_the_reference_run_settings():
     assert cfg.deepspeed.config.optimizer.params.lr == 5e-7
     assert (cfg.vlm.max_pixels, cfg.vlm.attn_implementation) == (401408, "flash_attention_2")
     GRPOConfig(output_dir="/tmp/x", use_cpu=True, **reference)  # every name is one TRL accepts
+
+
+def test_an_abandoned_batch_frees_the_listener_for_the_next_client(listener, games):
+    # One inference slot: a client that gives up on a large batch must not make the next one wait
+    # for it (without cancellation this 2048-pair batch holds the slot for about 15 s here).
+    items = [
+        {"candidate_paths": games[i % len(games)]["candidates"] * 16, "question": question(games[i % len(games)])}
+        for i in range(32)
+    ]
+    big = {"batch": items}
+    gone_before = listener.metric('listener_requests_total{route="/batch_score",status="499"}')
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{listener.url}/batch_score", json=big, timeout=1.0)
+    started = time.monotonic()
+    small = httpx.post(
+        f"{listener.url}/score",
+        json={"candidate_paths": games[0]["candidates"], "question": question(games[0]), "topk": 1},
+        timeout=60,
+    )
+    waited = time.monotonic() - started
+    assert small.status_code == 200 and len(small.json()["yes_probabilities"]) == 4
+    assert waited < 4.0, waited
+    assert listener.metric('listener_requests_total{route="/batch_score",status="499"}') == gone_before + 1

@@ -323,3 +323,27 @@ def test_verl_dispatcher_routes_by_data_source_prefix(scripted, embedding_server
     finally:
         verl_rewards._judge.cache_clear()
         verl_rewards._embedding.cache_clear()
+
+
+def test_an_abandoned_request_stops_generating(judge_server):
+    # A client that times out: the server stops its generation at the next token, so a short
+    # request after it is answered at once instead of after the abandoned one's thousands of tokens.
+    headers = {"Authorization": f"Bearer {JUDGE_KEY}"}
+    long = {"prompt": "Once upon a time", "max_tokens": 1900, "n": 32, "temperature": 1.0, "seed": 1}
+    gone_before = judge_server.metric('generation_requests_total{route="/v1/completions",status="499"}', headers)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{judge_server.url}/v1/completions", json=long, headers=headers, timeout=1.0)
+    started = time.monotonic()
+    short = httpx.post(
+        f"{judge_server.url}/v1/completions",
+        json={"prompt": "Hello", "max_tokens": 2, "temperature": 0},
+        headers=headers,
+        timeout=120,
+    )
+    waited = time.monotonic() - started
+    assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] <= 2
+    assert waited < 4.0, waited
+    assert (
+        judge_server.metric('generation_requests_total{route="/v1/completions",status="499"}', headers)
+        == gone_before + 1
+    )

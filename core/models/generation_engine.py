@@ -6,7 +6,7 @@ import threading
 from collections.abc import Mapping, Sequence
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from core.models.generation import Completion, Message, SamplingParams, TokenLogprob, apply_stop
 from core.models.loading import (
@@ -17,6 +17,7 @@ from core.models.loading import (
     load_tokenizer,
     model_label,
 )
+from core.serving.cancel import abandoned, check_abandoned
 
 
 class LogprobRecorder(LogitsProcessor):
@@ -49,6 +50,13 @@ class LogprobRecorder(LogitsProcessor):
             self.chosen.append(self._last.gather(1, sequences[:, -1:]).squeeze(1))
             self._last = None
         return torch.stack(self.chosen, dim=1).cpu()
+
+
+class StopWhenAbandoned(StoppingCriteria):
+    """Ends ``generate`` at the next step once nobody waits for its result (``core.serving.cancel``)."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), abandoned(), dtype=torch.bool, device=input_ids.device)
 
 
 class GenerationEngine:
@@ -101,6 +109,7 @@ class GenerationEngine:
         """``params.n`` continuations for each prompt, cut at the first of ``stop``."""
         out: list[list[Completion]] = []
         for start in range(0, len(prompts), self.max_batch_size):
+            check_abandoned("generation")
             out.extend(self._generate(list(prompts[start : start + self.max_batch_size]), params, stop))
         return [[apply_stop(c, stop) for c in group] for group in out]
 
@@ -125,6 +134,7 @@ class GenerationEngine:
             # Every end id stops a row, not only the tokenizer's eos.
             "eos_token_id": self.end_ids,
             "logits_processor": LogitsProcessorList([recorder] if recorder else []),
+            "stopping_criteria": StoppingCriteriaList([StopWhenAbandoned()]),
         }
         if sampling:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
@@ -135,6 +145,7 @@ class GenerationEngine:
                 torch.manual_seed(params.seed)
             sequences = self.model.generate(**enc, **kwargs)
             self.generate_calls += 1
+        check_abandoned("generation")  # cut short for nobody: no half-made completions
         token_logprobs = recorder.finish(sequences) if recorder else None
         new_tokens = sequences[:, enc["input_ids"].shape[1] :].tolist()
         completions = []

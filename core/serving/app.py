@@ -27,12 +27,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.serving.batcher import MicroBatcher
+from core.serving.cancel import Abandoned, request_scope
 from core.serving.errors import APIError, error_body
 
 log = logging.getLogger(__name__)
 
 # Paths a load balancer or scraper probes: never behind the key (health only) or the concurrency gate.
 OPEN_PATHS = frozenset({"/health"})
+# Logged as the status of a request whose client left before the answer (nginx's convention).
+CLIENT_GONE = 499
 UNGATED_PATHS = frozenset({"/health", "/metrics"})
 
 
@@ -61,6 +64,7 @@ class ServerSettings:
 # How an engine's plain exceptions become statuses, so engines never import HTTP types. The first
 # match wins. KeyError and IndexError are LookupErrors too, but in practice they are bugs: 500.
 ENGINE_ERRORS: tuple[tuple[type[Exception], int], ...] = (
+    (Abandoned, CLIENT_GONE),
     (NotImplementedError, 501),
     (PermissionError, 403),
     (TimeoutError, 503),
@@ -206,7 +210,8 @@ class _Gate:
                 return
             self.metrics.in_flight.inc()
             try:
-                await self.app(scope, self._limited(receive), tracked_send)
+                if not await self._serve_while_connected(scope, receive, tracked_send):
+                    status["code"] = CLIENT_GONE
             finally:
                 self.metrics.in_flight.dec()
                 await self.gate.release()
@@ -218,6 +223,52 @@ class _Gate:
             label = getattr(route, "path", None) or ("unmatched" if path not in UNGATED_PATHS else path)
             self.metrics.requests.labels(label, str(status["code"])).inc()
             self.metrics.latency.labels(label).observe(time.perf_counter() - started)
+
+    async def _serve_while_connected(self, scope, receive, send) -> bool:
+        """Run the app for this request; if the client disconnects first, flag the request
+        (``core.serving.cancel``: model loops stop, queued work is dropped) and cancel it.
+        False when the client left before the answer."""
+        body_read, gone, answered = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        limited = self._limited(receive)
+
+        async def app_send(message):
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                answered.set()
+            await send(message)
+
+        async def app_receive():
+            if body_read.is_set():  # after the body only a disconnect can come: the watcher reads it
+                await gone.wait()
+                return {"type": "http.disconnect"}
+            message = await limited()
+            if message["type"] != "http.request" or not message.get("more_body"):
+                body_read.set()
+            if message["type"] == "http.disconnect":
+                gone.set()
+            return message
+
+        with request_scope() as flag:
+            served = asyncio.ensure_future(self.app(scope, app_receive, app_send))
+
+            async def watch():
+                await body_read.wait()
+                if not gone.is_set():
+                    await receive()  # returns when the client disconnects (or once the answer is sent)
+                    gone.set()
+                if not answered.is_set() and not served.done():
+                    flag.set()
+                    served.cancel()
+
+            watcher = asyncio.ensure_future(watch())
+            try:
+                await served
+                return True
+            except asyncio.CancelledError:
+                if flag.is_set():  # the client left: nothing to answer
+                    return False
+                raise
+            finally:
+                watcher.cancel()
 
     def _refuse(self, scope, path: str):
         headers = dict(scope.get("headers") or [])

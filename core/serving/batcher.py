@@ -5,6 +5,8 @@ the batch dimension, so each request ``submit``s its items and awaits them; a si
 collects whatever is pending (up to ``max_batch_size`` items, waiting at most ``max_wait_ms``
 for more), runs the blocking batch function once in a thread, and hands each request its slice.
 Requests are merged only when their ``key`` is equal (e.g. the same sampling parameters).
+A request whose client left before its batch started is dropped; a model call whose requests
+have all left sees ``core.serving.cancel.abandoned()`` turn true, so its loop can stop.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from core.serving.cancel import call_for, request_flag
+
 log = logging.getLogger(__name__)
 
 
@@ -24,6 +28,12 @@ log = logging.getLogger(__name__)
 class _Job:
     items: Sequence[Any]
     future: asyncio.Future
+    # set when the requesting client is gone (core.serving.cancel); None outside a served request
+    gone: Any = None
+
+    @property
+    def abandoned(self) -> bool:
+        return self.future.done() or (self.gone is not None and self.gone.is_set())
 
 
 class MicroBatcher:
@@ -58,7 +68,7 @@ class MicroBatcher:
             self._event = asyncio.Event()
             self._worker = asyncio.create_task(self._run())
         future = asyncio.get_running_loop().create_future()
-        self._queues.setdefault(key, deque()).append(_Job(list(items), future))
+        self._queues.setdefault(key, deque()).append(_Job(list(items), future, request_flag()))
         self._event.set()
         return await future
 
@@ -104,6 +114,12 @@ class MicroBatcher:
                 return
 
     def _take(self, queue: deque[_Job]) -> list[_Job]:
+        for job in [j for j in queue if j.abandoned]:  # nobody waits for these: never computed
+            queue.remove(job)
+            if not job.future.done():
+                job.future.cancel()
+        if not queue:
+            return []
         jobs = [queue.popleft()]  # always at least one job, even one larger than the batch size
         size = len(jobs[0].items)
         while queue and size + len(queue[0].items) <= self.max_batch_size:
@@ -112,9 +128,11 @@ class MicroBatcher:
         return jobs
 
     async def _execute(self, jobs: list[_Job], key: Hashable) -> None:
+        if not jobs:
+            return
         flat = [item for job in jobs for item in job.items]
         try:
-            results = await asyncio.to_thread(self.fn, flat, key)
+            results = await asyncio.to_thread(call_for, [job.gone for job in jobs], self.fn, flat, key)
             if len(results) != len(flat):
                 raise RuntimeError(f"batch function returned {len(results)} results for {len(flat)} items")
         except Exception as exc:  # noqa: BLE001 - handed to the callers, who turn it into an HTTP error
