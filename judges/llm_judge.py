@@ -44,7 +44,7 @@ class LLMJudgeReward:
     failure_keys = ("requests_failed", "parse_failures")
     failure_advice = {
         "parse_failures": "the judge gave no usable score for some samples; a tiny random judge never does: "
-        "use a real one (model@judge.model=..., or judge=remote)",
+        "use a real one (model@judge_model=..., or judge=remote)",
     }
 
     def __init__(

@@ -140,7 +140,7 @@ def test_apps_take_an_engine_and_server_settings():
 @pytest.fixture(params=["engine", "client"])
 def generator(request, judge_server, tiny_model_cfg) -> TextGenerator:
     if request.param == "engine":
-        return instantiate(composed("model@judge.model=tiny_lm").judge)
+        return instantiate(composed("model@judge_model=tiny_lm").judge)
     return instantiate(composed("judge=remote", f"judge.url={judge_server.url}", f"judge.api_key={JUDGE_KEY}").judge)
 
 
@@ -158,7 +158,7 @@ def test_generation_behaves_the_same_in_process_and_served(generator):
 
 
 def test_generation_engine_and_server_agree_token_for_token(judge_server):
-    engine = instantiate(composed("model@judge.model=tiny_lm").judge)
+    engine = instantiate(composed("model@judge_model=tiny_lm").judge)
     client = instantiate(composed("judge=remote", f"judge.url={judge_server.url}", f"judge.api_key={JUDGE_KEY}").judge)
     greedy = SamplingParams(temperature=0.0, max_tokens=8)
     prompts = ["Paris is", "One, two, three,"]

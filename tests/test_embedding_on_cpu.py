@@ -290,3 +290,24 @@ def test_tei_and_openai_clients_work_unchanged(embedding_server):
     assert [m.id for m in oai.models.list().data] == ["sentence-transformers/all-MiniLM-L6-v2"]
     other_name = oai.embeddings.create(model="all-MiniLM-L6-v2", input=["A cat naps."]).data[0].embedding
     assert np.allclose(other_name, served[0], atol=1e-5)
+
+
+def test_abandoned_requests_free_the_embedding_server(embedding_server):
+    # A client firing many large requests and then giving up: what was queued is never computed and
+    # the model call in progress stops at its next chunk, so the next client waits for none of it.
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [f"sentence {i} " + "about the many small things in a long day " * 24 for i in range(32)]
+
+    def abandon(_):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{embedding_server.url}/embed", json={"inputs": texts}, timeout=1.0)
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(abandon, range(16)))
+    started = time.monotonic()
+    vectors = httpx.post(f"{embedding_server.url}/embed", json={"inputs": ["a short one"]}, timeout=60).json()
+    waited = time.monotonic() - started
+    assert len(vectors) == 1 and len(vectors[0]) == 384
+    assert waited < 4.0, waited
+    assert embedding_server.metric('embedding_requests_total{route="/embed",status="499"}') >= 16

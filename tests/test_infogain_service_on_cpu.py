@@ -209,3 +209,17 @@ def test_costly_items_are_refused_before_any_model_work(ig_server):
     assert "800000 characters" in body["errors"][0] and "2000 answers" in body["errors"][1]
     assert "longer than" in body["errors"][2]
     assert httpx.get(f"{ig_server.url}/health").json()["status"] == "healthy"
+
+
+def test_an_abandoned_request_stops_its_compute(ig_server):
+    # Sampling checks between generate calls whether anybody still waits: a client that gives up
+    # on a large request does not hold the model for the next one (about 20 s of work here).
+    gone_before = ig_server.metric('infogain_requests_total{route="/compute_info_gain",status="499"}')
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{ig_server.url}/compute_info_gain", json={"items": ITEMS * 24}, timeout=1.0)
+    started = time.monotonic()
+    body = httpx.post(f"{ig_server.url}/compute_info_gain", json={"items": ITEMS[:1]}, timeout=120).json()
+    waited = time.monotonic() - started
+    assert body["errors"] == [None] and len(body["scores"]) == 1
+    assert waited < 4.0, waited
+    assert ig_server.metric('infogain_requests_total{route="/compute_info_gain",status="499"}') == gone_before + 1

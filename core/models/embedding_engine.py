@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from core.models.loading import device_for, load_kwargs, model_label, model_path
+from core.serving.cancel import check_abandoned
 
 
 class InputTooLong(ValueError):
@@ -112,15 +113,22 @@ class EmbeddingEngine:
             self.check_lengths(texts)
         elif truncation_direction.lower() == "left":
             texts = self._truncate_left(texts, self.count_tokens(texts))
+        # Longest first, max_batch_size at a time (as sentence-transformers orders them), so a
+        # request whose client left stops between model calls (core.serving.cancel).
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        vectors = np.zeros((len(texts), self.dimension), dtype=np.float32)
         with self._lock:
-            vectors = self.model.encode(
-                texts,
-                batch_size=self.max_batch_size,
-                convert_to_numpy=True,
-                normalize_embeddings=False,
-                show_progress_bar=False,
-                prompt_name=prompt_name,
-            )
+            for start in range(0, len(order), self.max_batch_size):
+                check_abandoned("embedding")
+                part = order[start : start + self.max_batch_size]
+                vectors[part] = self.model.encode(
+                    [texts[i] for i in part],
+                    batch_size=self.max_batch_size,
+                    convert_to_numpy=True,
+                    normalize_embeddings=False,
+                    show_progress_bar=False,
+                    prompt_name=prompt_name,
+                )
             self.forward_calls += 1
         return finish_vectors(vectors, normalize, dimensions)
 
