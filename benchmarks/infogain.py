@@ -1,7 +1,7 @@
 """InfoGain service benchmark, both variants side by side in this one process:
 16 concurrent clients, each posting one item at a time, against ``service=infogain`` with
 micro-batching (items of concurrent requests share generate calls) and without it
-(``batching.max_batch_size=1``: one item per compute). Also, in-process: entailment pairs the
+(``app.max_batch_size=1``: one item per compute). Also, in-process: entailment pairs the
 engine checks (deduplicated, representatives only) against the naive all-pairs count, on
 samples repeating the way short answers of a real model do (a generator plug-in draws them;
 the tiny random generator never repeats itself, so there the two counts are equal).
@@ -101,7 +101,7 @@ def main() -> None:
     with (
         tempfile.TemporaryDirectory() as tmp,
         LocalServer(tmp, "service=infogain", *COMMON) as batched,
-        LocalServer(tmp, "service=infogain", *COMMON, "batching.max_batch_size=1") as single,
+        LocalServer(tmp, "service=infogain", *COMMON, "app.max_batch_size=1") as single,
     ):
         throughput(batched.url, items[:4], 4)  # warm-up
         throughput(single.url, items[:4], 4)

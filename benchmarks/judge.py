@@ -1,6 +1,6 @@
 """LLM-judge server benchmark, both variants side by side in this one process:
 the same concurrent chat requests against ``service=llm_judge`` with micro-batching on
-(up to 32 prompts per generate call) and off (``batching.max_batch_size=1``: one by one).
+(up to 32 prompts per generate call) and off (``app.max_batch_size=1``: one by one).
 
     python benchmarks/judge.py [--requests 32] [--max-tokens 32]
 """
@@ -44,7 +44,7 @@ def main() -> None:
     with (
         tempfile.TemporaryDirectory() as tmp,
         LocalServer(tmp, "service=llm_judge", "model=tiny_lm") as batched,
-        LocalServer(tmp, "service=llm_judge", "model=tiny_lm", "batching.max_batch_size=1") as single,
+        LocalServer(tmp, "service=llm_judge", "model=tiny_lm", "app.max_batch_size=1") as single,
     ):
         for label, temperature in (("greedy", 0.0), ("T=0.7 top_p=0.8", 0.7)):
             params = SamplingParams(n=1, temperature=temperature, top_p=0.8, max_tokens=args.max_tokens)

@@ -17,6 +17,7 @@ from core.models.loading import (
     load_tokenizer,
     model_label,
 )
+from core.models.sampling import TemperatureTopP
 from core.serving.cancel import abandoned, check_abandoned
 
 
@@ -133,11 +134,14 @@ class GenerationEngine:
             "pad_token_id": self.tokenizer.pad_token_id,
             # Every end id stops a row, not only the tokenizer's eos.
             "eos_token_id": self.end_ids,
-            "logits_processor": LogitsProcessorList([recorder] if recorder else []),
             "stopping_criteria": StoppingCriteriaList([StopWhenAbandoned()]),
         }
+        processors = [recorder] if recorder else []  # first: it records the model's raw distribution
         if sampling:
-            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+            # Our temperature + top-p (no vocabulary sort) instead of generate's own warpers.
+            processors.append(TemperatureTopP(params.temperature, params.top_p))
+            kwargs.update(temperature=1.0, top_p=1.0, top_k=0)
+        kwargs["logits_processor"] = LogitsProcessorList(processors)
         if stop:  # rows end at a stop string instead of running to max_tokens (the text is cut after)
             kwargs.update(stop_strings=[s for s in stop if s], tokenizer=self.tokenizer)
         with self._lock:

@@ -12,10 +12,8 @@ Routes are added by the domain packages on the returned app.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
-import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -27,16 +25,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.serving.batcher import MicroBatcher
-from core.serving.cancel import Abandoned, request_scope
+from core.serving.cancel import Abandoned
 from core.serving.errors import APIError, error_body
+from core.serving.gate import CLIENT_GONE, ConcurrencyGate, RequestGate
 
 log = logging.getLogger(__name__)
-
-# Paths a load balancer or scraper probes: never behind the key (health only) or the concurrency gate.
-OPEN_PATHS = frozenset({"/health"})
-# Logged as the status of a request whose client left before the answer (nginx's convention).
-CLIENT_GONE = 499
-UNGATED_PATHS = frozenset({"/health", "/metrics"})
 
 
 @dataclass
@@ -84,54 +77,6 @@ def engine_error_status(exc: Exception) -> int:
     return next((status for kind, status in ENGINE_ERRORS if isinstance(exc, kind)), 500)
 
 
-class _Overloaded(Exception):
-    def __init__(self, status: int, message: str):
-        self.status, self.message = status, message
-
-
-class _BodyTooLarge(StarletteHTTPException):
-    """An HTTPException, so FastAPI's body parsing passes it on as 413 instead of a generic 400."""
-
-    def __init__(self, limit: int):
-        super().__init__(413, f"request body larger than {limit} bytes")
-
-
-class ConcurrencyGate:
-    """At most ``limit`` requests run at once; ``max_queue`` more may wait up to ``timeout_s``.
-
-    A request beyond the queue is refused at once (429); one that waits too long gets 503.
-    """
-
-    def __init__(self, limit: int, max_queue: int, timeout_s: float):
-        self.limit, self.max_queue, self.timeout_s = limit, max_queue, timeout_s
-        self.running = 0
-        self.waiting = 0
-        self._cond: asyncio.Condition | None = None
-
-    async def acquire(self) -> None:
-        if self._cond is None:
-            self._cond = asyncio.Condition()
-        async with self._cond:
-            if self.running < self.limit:
-                self.running += 1
-                return
-            if self.waiting >= self.max_queue:
-                raise _Overloaded(429, f"server busy: {self.running} running, {self.waiting} queued")
-            self.waiting += 1
-            try:
-                await asyncio.wait_for(self._cond.wait_for(lambda: self.running < self.limit), self.timeout_s)
-            except asyncio.TimeoutError:
-                raise _Overloaded(503, f"no capacity within {self.timeout_s:g}s; retry later") from None
-            finally:
-                self.waiting -= 1
-            self.running += 1
-
-    async def release(self) -> None:
-        async with self._cond:
-            self.running -= 1
-            self._cond.notify(1)
-
-
 class ServiceMetrics:
     """A per-app Prometheus registry, so several apps in one process never share counters."""
 
@@ -157,146 +102,6 @@ class ServiceMetrics:
     def histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
         """A histogram registered on this app's registry (e.g. items per model call)."""
         return Histogram(name, doc, namespace=self.namespace, registry=self.registry, buckets=buckets)
-
-
-async def _send_json(send, status: int, payload: dict, headers: list | None = None) -> None:
-    body = json.dumps(payload).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-class _Gate:
-    """ASGI middleware: API key, body size, concurrency and request metrics, before any route runs."""
-
-    def __init__(self, app, settings: ServerSettings, gate: ConcurrencyGate, metrics: ServiceMetrics):
-        self.app, self.settings, self.gate, self.metrics = app, settings, gate, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope["path"]
-        status = {"code": 500, "started": False}
-
-        async def tracked_send(message):
-            if message["type"] == "http.response.start":
-                status["code"], status["started"] = message["status"], True
-            await send(message)
-
-        started = time.perf_counter()
-        try:
-            refusal = self._refuse(scope, path)
-            if refusal is not None:
-                await _send_json(tracked_send, *refusal)
-                return
-            if path in UNGATED_PATHS:
-                await self.app(scope, self._limited(receive), tracked_send)
-                return
-            try:
-                await self.gate.acquire()
-            except _Overloaded as exc:
-                await _send_json(
-                    tracked_send, exc.status, error_body(exc.message, exc.status, path=path), [(b"retry-after", b"1")]
-                )
-                return
-            self.metrics.in_flight.inc()
-            try:
-                if not await self._serve_while_connected(scope, receive, tracked_send):
-                    status["code"] = CLIENT_GONE
-            finally:
-                self.metrics.in_flight.dec()
-                await self.gate.release()
-        except _BodyTooLarge as exc:
-            if not status["started"]:
-                await _send_json(tracked_send, 413, error_body(exc.detail, 413, path=path))
-        finally:
-            route = scope.get("route")
-            label = getattr(route, "path", None) or ("unmatched" if path not in UNGATED_PATHS else path)
-            self.metrics.requests.labels(label, str(status["code"])).inc()
-            self.metrics.latency.labels(label).observe(time.perf_counter() - started)
-
-    async def _serve_while_connected(self, scope, receive, send) -> bool:
-        """Run the app for this request; if the client disconnects first, flag the request
-        (``core.serving.cancel``: model loops stop, queued work is dropped) and cancel it.
-        False when the client left before the answer."""
-        body_read, gone, answered = asyncio.Event(), asyncio.Event(), asyncio.Event()
-        limited = self._limited(receive)
-
-        async def app_send(message):
-            if message["type"] == "http.response.body" and not message.get("more_body"):
-                answered.set()
-            await send(message)
-
-        async def app_receive():
-            if body_read.is_set():  # after the body only a disconnect can come: the watcher reads it
-                await gone.wait()
-                return {"type": "http.disconnect"}
-            message = await limited()
-            if message["type"] != "http.request" or not message.get("more_body"):
-                body_read.set()
-            if message["type"] == "http.disconnect":
-                gone.set()
-            return message
-
-        with request_scope() as flag:
-            served = asyncio.ensure_future(self.app(scope, app_receive, app_send))
-
-            async def watch():
-                await body_read.wait()
-                if not gone.is_set():
-                    await receive()  # returns when the client disconnects (or once the answer is sent)
-                    gone.set()
-                if not answered.is_set() and not served.done():
-                    flag.set()
-                    served.cancel()
-
-            watcher = asyncio.ensure_future(watch())
-            try:
-                await served
-                return True
-            except asyncio.CancelledError:
-                if flag.is_set():  # the client left: nothing to answer
-                    return False
-                raise
-            finally:
-                watcher.cancel()
-
-    def _refuse(self, scope, path: str):
-        headers = dict(scope.get("headers") or [])
-        key = self.settings.api_key
-        if key and path not in OPEN_PATHS:
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                message = "missing or invalid API key: send 'Authorization: Bearer <key>'"
-                return 401, error_body(message, 401, path=path), [(b"www-authenticate", b"Bearer")]
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.settings.max_body_bytes:
-            return 413, error_body(_BodyTooLarge(self.settings.max_body_bytes).detail, 413, path=path)
-        return None
-
-    def _limited(self, receive):
-        """Count body bytes as they arrive, so chunked uploads cannot exceed the limit either."""
-        seen = 0
-
-        async def wrapped():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.settings.max_body_bytes:
-                    raise _BodyTooLarge(self.settings.max_body_bytes)
-            return message
-
-        return wrapped
 
 
 def _validation_message(errors: list[dict]) -> tuple[int, str]:
@@ -342,7 +147,7 @@ def create_app(
     app.state.metrics = ServiceMetrics(metrics_namespace)
     app.state.shutdown_hooks = hooks
     app.state.gate = ConcurrencyGate(settings.max_concurrency, settings.max_queue, settings.acquire_timeout_s)
-    app.add_middleware(_Gate, settings=settings, gate=app.state.gate, metrics=app.state.metrics)
+    app.add_middleware(RequestGate, settings=settings, gate=app.state.gate, metrics=app.state.metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(req: Request, exc: APIError):
