@@ -19,6 +19,19 @@ from core.serving.local_server import ROOT, LocalServer, free_port
 JUDGE_KEY = "test-judge-key"
 
 
+def run_in_process(run_dir: Path, *overrides: str):
+    """The task ``python run.py <overrides>`` runs, composed and run in this process with
+    ``run_dir`` as its run directory (no interpreter start-up: seconds saved per run); returns
+    what the task returns."""
+    from hydra import compose, initialize_config_dir
+
+    from core.tasks import run_task
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, f"paths.output_dir={run_dir}"])
+    return run_task(cfg)
+
+
 def run_cli(*overrides: str, env: dict | None = None, timeout: float = 300, cwd: Path | None = None):
     """Run ``python run.py <overrides>`` and return the finished process (stdout+stderr in .stdout)."""
     return subprocess.run(

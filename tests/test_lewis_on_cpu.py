@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, run_in_process
 from core.rewards.base import RewardSample
 from core.serving.local_server import LocalServer, free_port
 from lewis.clients import ListenerClient
@@ -189,12 +189,8 @@ def _predictions(run_dir) -> list[dict]:
 def test_speaker_training_with_remote_listener_matches_local(listener, shapes_root, tmp_path):
     common = [f"lewis.shapes_root={shapes_root}", "logger=none", "trainer.max_steps=2"]
     remote_dir, local_dir = tmp_path / "remote", tmp_path / "local"
-    remote = run_cli(
-        "train=speaker", "listener=remote", f"listener.port={listener.port}", *common, f"hydra.run.dir={remote_dir}"
-    )
-    assert remote.returncode == 0, remote.stdout[-3000:]
-    local = run_cli("train=speaker", "listener=local", *common, f"hydra.run.dir={local_dir}")
-    assert local.returncode == 0, local.stdout[-3000:]
+    run_in_process(remote_dir, "train=speaker", "listener=remote", f"listener.port={listener.port}", *common)
+    run_in_process(local_dir, "train=speaker", "listener=local", *common)
     for run_dir in (remote_dir, local_dir):
         assert (run_dir / "adapter" / "adapter_config.json").exists()
         assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
@@ -230,14 +226,7 @@ def test_listener_down_scores_zero_and_training_continues(shapes_root, tmp_path)
 
 @pytest.mark.slow
 def test_listener_training_on_ground_truth_descriptions(shapes_root, tmp_path):
-    run = run_cli(
-        "train=listener",
-        f"lewis.shapes_root={shapes_root}",
-        "logger=none",
-        "trainer.max_steps=2",
-        f"hydra.run.dir={tmp_path}",
-    )
-    assert run.returncode == 0, run.stdout[-3000:]
+    run_in_process(tmp_path, "train=listener", f"lewis.shapes_root={shapes_root}", "logger=none", "trainer.max_steps=2")
     sample = json.loads((tmp_path / "samples.jsonl").read_text().splitlines()[0])
     assert sample["prompt"].startswith("<image><image><image><image>Description: ")
     assert set(sample["rewards"]) == {"accuracy", "format"}

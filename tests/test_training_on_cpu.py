@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import JUDGE_KEY, ROOT, run_cli
+from conftest import JUDGE_KEY, ROOT, run_cli, run_in_process
 from core.serving.local_server import LocalServer
 
 SMOKE = "experiment=smoke"
@@ -70,41 +70,36 @@ def test_quickstart_learns_on_smollm2_and_leaves_every_artefact(tmp_path):
     assert json.loads((tmp_path / "final.json").read_text())["steps"] == 16
 
 
-def test_smoke_run_logs_every_reward_component(tmp_path):
-    result = run_cli(
-        SMOKE, "logger=none", "trainer.max_steps=2", "trainer.save_strategy=no", f"hydra.run.dir={tmp_path}"
-    )
-    assert result.returncode == 0, result.stdout[-3000:]
+def test_smoke_run_logs_every_reward_component(tmp_path, caplog):
+    run_in_process(tmp_path, SMOKE, "logger=none", "trainer.max_steps=2", "trainer.save_strategy=no")
     row = metrics(tmp_path)[-1]
     for key in ("reward/exact_match", "reward/embedding", "reward/llm_judge", "failures/llm_judge/parse_failures"):
         assert row[key] is not None, key
     total = row["reward/exact_match"] + row["reward/embedding"] + row["reward/llm_judge"]
     assert row["reward/total"] == pytest.approx(total, abs=1e-5)
-    assert "RANDOM weights" in result.stdout  # the tiny judge says so
+    assert "RANDOM weights" in caplog.text  # the tiny judge says so
 
 
 @pytest.mark.slow
 def test_resume_continues_from_the_latest_checkpoint(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     common = [SMOKE, "logger=none", "reward=exact_match", "trainer.save_steps=2", "trainer.save_total_limit=1"]
-    assert run_cli(*common, "trainer.max_steps=4", f"hydra.run.dir={first}").returncode == 0
+    run_in_process(first, *common, "trainer.max_steps=4")
     assert [p.name for p in (first / "checkpoints").glob("checkpoint-*")] == ["checkpoint-4"]  # older ones removed
-    result = run_cli(*common, "trainer.max_steps=6", f"resume={first}", f"hydra.run.dir={second}")
-    assert result.returncode == 0, result.stdout[-3000:]
+    run_in_process(second, *common, "trainer.max_steps=6", f"resume={first}")
     assert [r["step"] for r in metrics(second)] == [5, 6]
 
 
 def test_cleanup_keeps_only_the_final_adapter(tmp_path):
-    result = run_cli(
+    run_in_process(
+        tmp_path,
         SMOKE,
         "logger=none",
         "reward=exact_match",
         "trainer.max_steps=2",
         "trainer.save_steps=1",
         "checkpoints.cleanup_at_end=true",
-        f"hydra.run.dir={tmp_path}",
     )
-    assert result.returncode == 0, result.stdout[-3000:]
     assert not list((tmp_path / "checkpoints").glob("checkpoint-*"))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
@@ -117,7 +112,7 @@ def test_served_rewards_equal_embedded_rewards(tmp_path):
     same = [*FAST, f"{fn}.mode=text", f"{fn}.prompt_template=default", f"{fn}.temperature=0"]
     same.append("judging.max_new_tokens=8")
     local = tmp_path / "local"
-    assert run_cli(*same, f"hydra.run.dir={local}").returncode == 0
+    run_in_process(local, *same)
     with (
         LocalServer(tmp_path, "service=embedding") as emb,
         LocalServer(
@@ -125,16 +120,15 @@ def test_served_rewards_equal_embedded_rewards(tmp_path):
         ) as judge,
     ):
         remote = tmp_path / "remote"
-        result = run_cli(
+        run_in_process(
+            remote,
             *same,
             "judge=remote",
             f"judge.url={judge.url}",
+            f"judge.api_key={JUDGE_KEY}",
             "embedder=remote",
             f"embedder.url={emb.url}",
-            f"hydra.run.dir={remote}",
-            env={"LLM_JUDGE_SERVER_API_KEY": JUDGE_KEY},
         )
-        assert result.returncode == 0, result.stdout[-3000:]
         assert judge.metric("generation_model_calls_total", {"Authorization": f"Bearer {JUDGE_KEY}"}) >= 3
     for a, b in zip(samples(local), samples(remote), strict=True):
         assert a["completion"] == b["completion"]
@@ -268,7 +262,8 @@ def test_user_jsonl_and_parquet_load_into_the_standard_columns(tmp_path):
     assert parquet[0]["prompt"] == "Capital of Peru?" and parquet[0]["ground_truth"] == ["Lima"]
     with pytest.raises(KeyError, match="lacks 'prompt'"):
         from_files(str(tmp_path / "train.jsonl"))
-    result = run_cli(
+    run_in_process(
+        tmp_path / "run",
         SMOKE,
         "logger=none",
         "reward=exact_match",
@@ -278,7 +273,5 @@ def test_user_jsonl_and_parquet_load_into_the_standard_columns(tmp_path):
         f"dataset.path={tmp_path / 'train.jsonl'}",
         "dataset.prompt_key=question",
         "dataset.answer_key=answer",
-        f"hydra.run.dir={tmp_path / 'run'}",
     )
-    assert result.returncode == 0, result.stdout[-3000:]
     assert {s["prompt"] for s in samples(tmp_path / "run")} <= {"Capital of Peru?", "2+2?"}

@@ -59,8 +59,9 @@ def _table(title: str, first: str, rows: list[tuple[str, dict]], names: list[str
 
 
 def run(cfg) -> dict:
-    """Entry point of ``python run.py`` (the default task)."""
+    """Entry point of ``python run.py eval=rewards``."""
     out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows = load_rows(cfg.evaluation.path, cfg.evaluation.limit)
     samples = [
         RewardSample(

@@ -231,6 +231,7 @@ def train(cfg, build) -> dict:
     the relaunch under accelerate, on every rank). The rest of ``cfg``: ``trainer``, ``lora``,
     ``resume``, ``checkpoints``, ``logger``, ``deepspeed``, ``gpus``, ``seed``."""
     run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)  # Hydra makes it for a CLI run; a caller from Python may not
     layout = layout_for(int(cfg.gpus), cfg.deepspeed.config)
     if needs_launcher(layout):
         return _relaunch(layout, run_dir)
