@@ -17,7 +17,7 @@ from core.models.loading import (
     load_tokenizer,
     model_label,
 )
-from core.models.sampling import TemperatureTopP
+from core.models.sampling import NucleusSampler
 from core.serving.cancel import abandoned, check_abandoned
 
 
@@ -122,15 +122,15 @@ class GenerationEngine:
         enc = self.tokenizer(
             prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_input, add_special_tokens=False
         )
-        enc = enc.to(self.device)
         sampling = params.temperature > 0
         # Greedy decoding gives the same sequence n times (as vLLM does); generate it once.
         per_prompt = params.n if sampling else 1
+        enc = {k: v.repeat_interleave(per_prompt, dim=0).to(self.device) for k, v in enc.items()}
         recorder = LogprobRecorder(params.top_logprobs) if params.logprobs else None
         kwargs = {
-            "do_sample": sampling,
+            # Sampling happens in NucleusSampler: generate itself only takes the token it chose.
+            "do_sample": False,
             "max_new_tokens": params.max_tokens,
-            "num_return_sequences": per_prompt,
             "pad_token_id": self.tokenizer.pad_token_id,
             # Every end id stops a row, not only the tokenizer's eos.
             "eos_token_id": self.end_ids,
@@ -138,9 +138,7 @@ class GenerationEngine:
         }
         processors = [recorder] if recorder else []  # first: it records the model's raw distribution
         if sampling:
-            # Our temperature + top-p (no vocabulary sort) instead of generate's own warpers.
-            processors.append(TemperatureTopP(params.temperature, params.top_p))
-            kwargs.update(temperature=1.0, top_p=1.0, top_k=0)
+            processors.append(NucleusSampler(params.temperature, params.top_p))
         kwargs["logits_processor"] = LogitsProcessorList(processors)
         if stop:  # rows end at a stop string instead of running to max_tokens (the text is cut after)
             kwargs.update(stop_strings=[s for s in stop if s], tokenizer=self.tokenizer)

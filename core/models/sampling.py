@@ -1,10 +1,12 @@
-"""Temperature and nucleus (top-p) sampling without sorting the vocabulary.
+"""Temperature and nucleus (top-p) sampling without sorting the vocabulary or drawing over it.
 
 Top-p keeps the smallest set of most likely tokens whose probability reaches ``top_p``. The usual
-implementation sorts every row's whole vocabulary at every step (49k entries for SmolLM2); the
-nucleus is almost always a few dozen tokens, so ``nucleus_mask`` takes the top ``k`` (64 first,
-four times more while some row's nucleus is not inside them) and finds each row's cut there.
-It keeps exactly the tokens a full sort keeps (ties at the cut aside).
+implementation sorts every row's whole vocabulary at every step (49k entries for SmolLM2) and
+then draws from a 49k-way distribution; the nucleus is almost always a few dozen tokens. Here
+``nucleus`` takes the top ``k`` candidates (64 first, four times more while some row's nucleus is
+not inside them) and finds each row's cut there, keeping exactly the tokens a full sort keeps
+(ties at the cut aside), and ``NucleusSampler`` draws among them with an exponential race
+(``argmax p_i / E_i`` with ``E_i ~ Exp(1)`` picks token i with probability proportional to p_i).
 """
 
 from __future__ import annotations
@@ -15,13 +17,9 @@ from transformers import LogitsProcessor
 FIRST_K = 64
 
 
-def nucleus_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """A ``[rows, vocab]`` boolean mask of each row's nucleus: its most likely tokens, as few as
-    reach ``top_p`` of the probability together (always at least one).
-
-    >>> nucleus_mask(torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])), 0.8).tolist()
-    [[True, True, False, False]]
-    """
+def nucleus(logits: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's top candidates ``(probabilities, token ids, kept)``, most likely first, with
+    ``kept`` marking the nucleus: as few tokens as reach ``top_p`` together (at least one)."""
     probs = torch.softmax(logits.float(), dim=-1)
     # The running mass near top_p decides the cut: summed in float64, against the row's own total
     # (float32 probabilities do not sum to exactly 1), so rounding does not move it.
@@ -30,29 +28,45 @@ def nucleus_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     k = min(FIRST_K, vocab)
     while True:
         values, indices = probs.topk(k, dim=-1)
-        values = values.double()
-        mass = values.cumsum(dim=-1)
+        mass = values.double().cumsum(dim=-1)
         if k == vocab or bool((mass[:, -1:] >= target).all()):
             break
         k = min(k * 4, vocab)
     # a token is kept when the tokens before it do not reach top_p yet
-    keep = (mass - values) < target
-    keep[:, 0] = True
-    return torch.zeros_like(probs, dtype=torch.bool).scatter_(1, indices, keep)
+    kept = (mass - values.double()) < target
+    kept[:, 0] = True
+    return values, indices, kept
 
 
-class TemperatureTopP(LogitsProcessor):
-    """Temperature, then top-p, as ``generate``'s logits processor: ``scores / temperature`` with
-    every token outside the nucleus at ``-inf``. Given to ``generate`` in place of its own
-    temperature and top-p warpers (which sort the vocabulary)."""
+def nucleus_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """A ``[rows, vocab]`` boolean mask of each row's nucleus.
+
+    >>> nucleus_mask(torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])), 0.8).tolist()
+    [[True, True, False, False]]
+    """
+    _values, indices, kept = nucleus(logits, top_p)
+    return torch.zeros_like(logits, dtype=torch.bool).scatter_(1, indices, kept)
+
+
+def sample_nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token id per row, drawn from ``softmax(logits / temperature)`` cut to its nucleus
+    (torch's global generator, so ``torch.manual_seed`` makes it reproducible)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+    values, indices, kept = nucleus(logits / temperature, min(float(top_p), 1.0))
+    race = torch.where(kept, values / torch.empty_like(values).exponential_(), torch.zeros_like(values))
+    return indices.gather(1, race.argmax(dim=-1, keepdim=True)).squeeze(1)
+
+
+class NucleusSampler(LogitsProcessor):
+    """``generate``'s sampling step as a logits processor: it draws each row's next token itself
+    (``sample_nucleus``) and returns scores with all the mass on it, so ``generate`` runs greedy
+    (``do_sample=False``) and never sorts or draws over the vocabulary. Processors before it
+    (the log-probability recorder) see the model's raw scores."""
 
     def __init__(self, temperature: float, top_p: float):
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
         self.temperature, self.top_p = float(temperature), float(top_p)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = scores / self.temperature
-        if self.top_p >= 1.0:
-            return scores
-        return scores.masked_fill(~nucleus_mask(scores, self.top_p), float("-inf"))
+        chosen = sample_nucleus(scores, self.temperature, self.top_p)
+        return torch.full_like(scores, float("-inf")).scatter_(1, chosen.unsqueeze(1), 0.0)
