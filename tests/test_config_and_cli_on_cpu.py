@@ -369,3 +369,16 @@ def test_llm_judge_and_embedding_reference_experiments_match_the_reference_deplo
         30,
     )
     assert (fn.length_penalty, fn.length_threshold, fn.cache_enabled, fn.cache_size) == ("none", 1.5, True, 10000)
+
+
+def test_a_port_in_use_fails_at_start_naming_the_setting():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("service=embedding", f"server.port={port}", timeout=120)
+    assert result.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stdout and "server.port=" in result.stdout
+    assert "Loading SentenceTransformer" not in result.stdout  # refused before the model loads

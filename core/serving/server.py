@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 
 import uvicorn
 from fastapi import FastAPI
@@ -25,3 +26,18 @@ def serve(app: FastAPI, settings: ServerSettings) -> None:
         timeout_graceful_shutdown=settings.graceful_timeout_s,
         access_log=settings.log_level == "debug",
     )
+
+
+def check_address(settings: ServerSettings) -> None:
+    """Fail at once, before any model loads, when ``host:port`` cannot be listened on (a port in
+    use, an address this machine does not have), naming the setting to change."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((settings.host, settings.port))
+        except OSError as exc:
+            raise OSError(
+                f"cannot listen on {settings.host}:{settings.port} ({exc.strerror}): set server.port= "
+                "(or the service's port variable) to a free port, or host= to an address of this machine"
+            ) from None
