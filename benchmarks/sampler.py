@@ -37,7 +37,8 @@ def smollm2_logits(rows: int) -> torch.Tensor:
 
     from core.models.loading import build_causal_lm, device_for, load_tokenizer
 
-    cfg = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/model/smollm2-135m.yaml"))
+    model_file = Path(__file__).resolve().parents[1] / "conf/model/smollm2-135m.yaml"
+    cfg = OmegaConf.to_container(OmegaConf.load(model_file), resolve=True)
     tokenizer = load_tokenizer(cfg)
     model = build_causal_lm(cfg, tokenizer, device_for(0))
     out = []

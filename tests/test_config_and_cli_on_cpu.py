@@ -268,6 +268,8 @@ def test_packaged_smollm2_is_converted_once_by_concurrent_processes(tmp_path):
     assert resolve_path(SMOLLM2_ID, source="hub") == SMOLLM2_ID  # GPU users keep the hub id
     with pytest.raises(ValueError, match="auto, package or hub"):
         resolve_path(SMOLLM2_ID, source="somewhere")
+    with pytest.raises(ValueError, match="unresolved interpolation"):
+        resolve_path(SMOLLM2_ID, "package", "${oc.env:REWARDKIT_CACHE,null}")
     code = (
         "from core.models.loading import resolve_path; "
         f"print(resolve_path({SMOLLM2_ID!r}, 'package', {str(tmp_path)!r}))"

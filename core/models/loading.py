@@ -116,6 +116,8 @@ def resolve_path(name_or_path: str, source: str = "auto", cache_dir: str | None 
     """
     if source not in ("auto", "package", "hub"):
         raise ValueError(f"model source must be auto, package or hub, got {source!r}")
+    if cache_dir and "${" in str(cache_dir):  # a model node read without resolving its interpolations
+        raise ValueError(f"cache_dir {cache_dir!r} is an unresolved interpolation; resolve the config first")
     maker = PACKAGED_MODELS.get(name_or_path)
     if maker is None or source == "hub":
         return name_or_path
