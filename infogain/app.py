@@ -6,7 +6,7 @@
 * ``GET /health`` → ``{status: "healthy", mode, device | devices, num_workers}``; ``/metrics``.
 
 Concurrent requests are merged by the micro-batcher, so their items share ``generate`` calls.
-With ``gpus > 1`` (or ``ig.workers > 1``) the items go to a pool of Ray workers instead of
+With ``gpus > 1`` (or ``engine.workers > 1``) the items go to a pool of Ray workers instead of
 the in-process engine; the routes are the same.
 """
 
