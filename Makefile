@@ -1,6 +1,6 @@
 PY ?= .venv/bin/python
 
-.PHONY: help install test test-fast bench lint format
+.PHONY: help install test test-fast fuzz bench lint format
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -13,6 +13,9 @@ test:  ## the whole test suite (real servers on loopback, tiny models)
 
 test-fast:  ## the suite without tests marked slow
 	$(PY) -m pytest -m "not slow"
+
+fuzz:  ## a deeper fuzzing pass over every server (100 generated requests per route and mode)
+	FUZZ_EXAMPLES=100 $(PY) -m pytest tests/test_fuzz_on_cpu.py
 
 bench:  ## every benchmark, each printing its ratios
 	$(PY) benchmarks/real_models.py && $(PY) benchmarks/embedding.py && $(PY) benchmarks/judge.py && $(PY) benchmarks/infogain.py && $(PY) benchmarks/training.py && $(PY) benchmarks/ppo_server.py && $(PY) benchmarks/lewis.py

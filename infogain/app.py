@@ -13,20 +13,37 @@ the in-process engine; the routes are the same.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, WithJsonSchema
 
 from core.serving.app import ServerSettings, add_batcher, check_batch_size, create_app
 
 log = logging.getLogger(__name__)
 
 
+class InfoGainItem(BaseModel):
+    """One item as documented. Items are checked one by one by the engine, so a bad item gets
+    its ``errors[i]`` and never fails the others (the request model does not enforce this shape)."""
+
+    question: str = Field(max_length=2000)
+    context: str = ""
+    answers: list[str] = Field(min_length=1, max_length=32)
+
+
 class InfoGainRequest(BaseModel):
     """The request body; each item is checked on its own (its problems go to ``errors[i]``)."""
 
-    items: list[Any]
+    items: list[Annotated[Any, WithJsonSchema(InfoGainItem.model_json_schema())]]
+
+
+class InfoGainResponse(BaseModel):
+    """ΔIG per item, ``null`` where ``errors[i]`` says why; ``details[i]`` shows the work."""
+
+    scores: list[float | None]
+    errors: list[str | None]
+    details: list[dict | None]
 
 
 def infogain_app(engine, settings: ServerSettings, max_batch_size: int = 64, max_wait_ms: float = 10.0) -> FastAPI:
@@ -36,7 +53,7 @@ def infogain_app(engine, settings: ServerSettings, max_batch_size: int = 64, max
     )
     batcher = add_batcher(app, lambda items, _key: engine.compute(items), max_batch_size, max_wait_ms)
 
-    @app.post("/compute_info_gain")
+    @app.post("/compute_info_gain", responses={200: {"model": InfoGainResponse}})
     async def _compute(req: InfoGainRequest):
         check_batch_size(len(req.items), settings, "items")
         results = await batcher.submit(req.items)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import FastAPI
-from pydantic import BaseModel, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from core.models.generation_app import generation_app
 from core.models.generation_engine import GenerationEngine
@@ -29,6 +29,7 @@ class JudgeItem(BaseModel):
 class JudgeRequest(BaseModel):
     """``/judge`` body (the reference LLM judge's options)."""
 
+    model_config = ConfigDict(strict=True)
     items: list[JudgeItem]
     # text (parse REWARD: x) | logprobs (p(yes) of a yes/no answer)
     mode: Literal["text", "logprobs"] = "text"
@@ -39,13 +40,22 @@ class JudgeRequest(BaseModel):
     enable_thinking: bool = False
 
 
+class JudgeResponse(BaseModel):
+    """``/judge`` answer: a score per item (0.0 when the reply had none: ``parsed`` is then false)."""
+
+    scores: list[float]
+    parsed: list[bool]
+    replies: list[str]
+    model: str
+
+
 def judge_app(engine: GenerationEngine, settings: ServerSettings, **generation) -> FastAPI:
     """The generation server over ``engine`` (``generation``: ``generation_app``'s batching and
     ``default_max_tokens``) with ``POST /judge`` added."""
     app = generation_app(engine, settings, title="llm_judge", **generation)
     batcher, check_prompts = app.state.batcher, app.state.check_prompts
 
-    @app.post("/judge")
+    @app.post("/judge", responses={200: {"model": JudgeResponse}})
     async def _judge(req: JudgeRequest):
         resolve_template(req.prompt_template)  # an unknown template name: ValueError, a 400
         check_batch_size(len(req.items), settings, "items")
@@ -57,7 +67,7 @@ def judge_app(engine: GenerationEngine, settings: ServerSettings, **generation) 
             )
             for it in req.items
         ]
-        check_prompts(prompts, params.max_tokens)
+        check_prompts(prompts, params)
         replies = [g[0] for g in await batcher.submit(prompts, key=params)]
         parsed = [judge_score(req.mode, r) for r in replies]
         return {

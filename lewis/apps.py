@@ -13,35 +13,87 @@ Images are paths under the configured image roots (else 403) or ``data:image/...
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI
-from pydantic import BaseModel
+from fastapi import Depends, FastAPI
+from pydantic import BaseModel, WithJsonSchema
 
 from core.serving.app import ServerSettings, check_batch_size, create_app
 
 log = logging.getLogger(__name__)
 
 
+def _documented(**fields) -> dict:
+    """JSON schema of an object with these properties: what a client should send, while the
+    engine does the checking (its messages name the item and field at fault, with a 400)."""
+    return {"type": "object", "properties": fields}
+
+
+_STR = {"type": "string", "minLength": 1}
+SCORE_ITEM = _documented(
+    candidate_paths={"type": "array", "items": _STR, "minItems": 1, "maxItems": 64},
+    question={"type": "string", "minLength": 1, "maxLength": 4000},
+    topk={"type": "integer", "minimum": 1, "default": 1},
+)
+DESCRIBE_ITEM = _documented(image_path=_STR, prompt={"type": ["string", "null"], "maxLength": 4000})
+
+
 class ScoreRequest(BaseModel):
-    """One listener item (its fields are checked by the engine, which names the bad one)."""
+    """One listener item."""
 
-    candidate_paths: Any = None
-    question: Any = None
-    topk: Any = 1
+    candidate_paths: Annotated[Any, WithJsonSchema(SCORE_ITEM["properties"]["candidate_paths"])] = None
+    question: Annotated[Any, WithJsonSchema(SCORE_ITEM["properties"]["question"])] = None
+    topk: Annotated[Any, WithJsonSchema(SCORE_ITEM["properties"]["topk"])] = 1
 
 
-class BatchRequest(BaseModel):
-    """``{batch: [...]}`` for ``/batch_score`` and ``/batch_describe``."""
+class ScoreBatch(BaseModel):
+    """``{batch: [item, ...]}`` for ``/batch_score``."""
 
-    batch: list[dict]
+    batch: list[Annotated[dict, WithJsonSchema(SCORE_ITEM)]]
+
+
+class Scores(BaseModel):
+    """One listener answer."""
+
+    yes_probabilities: list[float]
+    predicted_index: int
+    topk_indices: list[int]
+
+
+class ScoresBatch(BaseModel):
+    """``/batch_score`` answer (``took``: seconds)."""
+
+    results: list[Scores]
+    took: float
 
 
 class DescribeRequest(BaseModel):
     """One speaker item."""
 
-    image_path: Any = None
-    prompt: Any = None
+    image_path: Annotated[Any, WithJsonSchema(DESCRIBE_ITEM["properties"]["image_path"])] = None
+    prompt: Annotated[Any, WithJsonSchema(DESCRIBE_ITEM["properties"]["prompt"])] = None
+
+
+class DescribeBatch(BaseModel):
+    """``{batch: [item, ...]}`` for ``/batch_describe``."""
+
+    batch: list[Annotated[dict, WithJsonSchema(DESCRIBE_ITEM)]]
+
+
+class Description(BaseModel):
+    """One speaker answer: the text and its tags (``null`` when missing)."""
+
+    text: str
+    thinking: str | None
+    coarse: str | None
+    detailed: str | None
+
+
+class DescriptionsBatch(BaseModel):
+    """``/batch_describe`` answer (``took``: seconds)."""
+
+    results: list[Description]
+    took: float
 
 
 def listener_app(engine, settings: ServerSettings) -> FastAPI:
@@ -53,14 +105,24 @@ def listener_app(engine, settings: ServerSettings) -> FastAPI:
         health=lambda: {"model_calls": engine.model_calls, "random_weights": engine.random_weights},
     )
 
-    @app.post("/score")
-    def _score(req: ScoreRequest):
-        return engine.batch_score([req.model_dump()])["results"][0]
+    # Checked in dependencies, which run before the route takes its place in the concurrency
+    # gate: a bad request is answered at once, even while the model is busy.
+    def one(req: ScoreRequest) -> list[dict]:
+        engine.validate([req.model_dump()])
+        return [req.model_dump()]
 
-    @app.post("/batch_score")
-    def _batch(req: BatchRequest):
+    def many(req: ScoreBatch) -> list[dict]:
         check_batch_size(len(req.batch), settings, "batch")
-        return engine.batch_score(req.batch)
+        engine.validate(req.batch)
+        return req.batch
+
+    @app.post("/score", responses={200: {"model": Scores}})
+    def _score(items: list[dict] = Depends(one)):
+        return engine.batch_score(items)["results"][0]
+
+    @app.post("/batch_score", responses={200: {"model": ScoresBatch}})
+    def _batch(items: list[dict] = Depends(many)):
+        return engine.batch_score(items)
 
     return app
 
@@ -74,13 +136,21 @@ def speaker_app(engine, settings: ServerSettings) -> FastAPI:
         health=lambda: {"model_calls": engine.model_calls, "random_weights": engine.random_weights},
     )
 
-    @app.post("/describe")
-    def _describe(req: DescribeRequest):
-        return engine.batch_describe([req.model_dump()])["results"][0]
+    def one(req: DescribeRequest) -> list[dict]:
+        engine.validate([req.model_dump()])
+        return [req.model_dump()]
 
-    @app.post("/batch_describe")
-    def _batch(req: BatchRequest):
+    def many(req: DescribeBatch) -> list[dict]:
         check_batch_size(len(req.batch), settings, "batch")
-        return engine.batch_describe(req.batch)
+        engine.validate(req.batch)
+        return req.batch
+
+    @app.post("/describe", responses={200: {"model": Description}})
+    def _describe(items: list[dict] = Depends(one)):
+        return engine.batch_describe(items)["results"][0]
+
+    @app.post("/batch_describe", responses={200: {"model": DescriptionsBatch}})
+    def _batch(items: list[dict] = Depends(many)):
+        return engine.batch_describe(items)
 
     return app

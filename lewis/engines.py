@@ -70,6 +70,7 @@ class ListenerEngine(_VLMPlayer):
         image_roots: folders candidate paths may point into.
         yes_token / no_token: the answer words whose logits are compared.
         max_candidates, max_question_chars: per-item limits, refused (400) before any image is read.
+        max_pairs: (image, question) pairs one request may ask for, over all its items.
     """
 
     def __init__(
@@ -82,10 +83,12 @@ class ListenerEngine(_VLMPlayer):
         no_token: str = "no",
         max_candidates: int = 64,
         max_question_chars: int = 4000,
+        max_pairs: int = 1024,
     ):
         super().__init__(model, gpus, image_roots)
         self.batch_size = max(1, int(batch_size))
         self.limits = (int(max_candidates), int(max_question_chars))
+        self.max_pairs = int(max_pairs)
         tok = self.processor.tokenizer
         self.yes_id, self.no_id = (tok.encode(w, add_special_tokens=False)[0] for w in (yes_token, no_token))
 
@@ -107,10 +110,19 @@ class ListenerEngine(_VLMPlayer):
             out.extend(torch.softmax(pair, dim=-1)[:, 0].tolist())
         return out
 
+    def validate(self, batch: Sequence[Mapping]) -> list[tuple[list[str], str, int]]:
+        """The items as ``(paths, question, topk)``; ``ValueError`` naming the first bad field or
+        a request over ``max_pairs`` (cheap: no image is read)."""
+        items = [_score_item(i, item, *self.limits) for i, item in enumerate(batch)]
+        pairs = sum(len(paths) for paths, _, _ in items)
+        if pairs > self.max_pairs:
+            raise ValueError(f"{pairs} (image, question) pairs in one request, more than the {self.max_pairs} allowed")
+        return items
+
     def batch_score(self, batch: Sequence[Mapping]) -> dict:
         """``{results: [{yes_probabilities, predicted_index, topk_indices}], took}`` for the reference batch items."""
         started = time.perf_counter()
-        items = [_score_item(i, item, *self.limits) for i, item in enumerate(batch)]
+        items = self.validate(batch)
         images, questions = [], []
         for paths, question, _topk in items:
             images.extend(self.images.load(p) for p in paths)
@@ -161,9 +173,11 @@ class SpeakerEngine(_VLMPlayer):
         max_new_tokens: int = 128,
         temperature: float = 0.7,
         batch_size: int = 8,
+        max_prompt_chars: int = 4000,
     ):
         super().__init__(model, gpus, image_roots)
         self.prompt, self.max_new_tokens, self.temperature = prompt, max_new_tokens, temperature
+        self.max_prompt_chars = int(max_prompt_chars)
         self.batch_size = max(1, int(batch_size))
 
     @torch.inference_mode()
@@ -184,16 +198,24 @@ class SpeakerEngine(_VLMPlayer):
             texts.extend(self.processor.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
         return texts
 
+    def validate(self, batch: Sequence[Mapping]) -> list[tuple[str, str]]:
+        """The items as ``(image ref, prompt)``; ``ValueError`` naming the first bad field (no image is read)."""
+        items = []
+        for i, item in enumerate(batch):
+            ref, prompt = item.get("image_path"), item.get("prompt") or self.prompt
+            if not isinstance(ref, str) or not ref or not isinstance(prompt, str):
+                raise ValueError(f"item {i}: image_path (a path or data URI) and prompt must be strings")
+            if len(prompt) > self.max_prompt_chars:
+                raise ValueError(f"item {i}: prompt longer than the {self.max_prompt_chars} characters allowed")
+            items.append((ref, prompt))
+        return items
+
     def batch_describe(self, batch: Sequence[Mapping]) -> dict:
         """``{results: [{text, thinking, coarse, detailed}], took}`` for items ``{image_path, prompt?}``."""
         started = time.perf_counter()
-        images, prompts = [], []
-        for i, item in enumerate(batch):
-            ref, prompt = item.get("image_path"), item.get("prompt") or self.prompt
-            if not isinstance(ref, str) or not isinstance(prompt, str):
-                raise ValueError(f"item {i}: image_path (a path or data URI) and prompt must be strings")
-            images.append(self.images.load(ref))
-            prompts.append(prompt)
+        items = self.validate(batch)
+        images = [self.images.load(ref) for ref, _ in items]
+        prompts = [prompt for _, prompt in items]
         texts = self._generate(images, prompts)
         results = [{"text": t, **parse_description(t)} for t in texts]
         return {"results": results, "took": round(time.perf_counter() - started, 4)}

@@ -25,13 +25,15 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
+from typing import Annotated, Literal
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, WithJsonSchema
 
 from core.serving.app import ServerSettings, add_batcher, create_app
 from core.serving.errors import APIError
+from ppo_server.decoding import STRATEGIES
 from ppo_server.policy_engine import PolicyEngine
 from ppo_server.training import TrainingEngine
 from ppo_server.value_engine import ValueEngine
@@ -44,11 +46,15 @@ class _Body(BaseModel):
     model_config = ConfigDict(strict=True)
 
 
+# Documented as the implemented strategies; any other name gets the contract's 501, not a 400.
+Strategy = Annotated[str, WithJsonSchema({"type": "string", "enum": list(STRATEGIES), "default": "temperature"})]
+
+
 class ForwardRequest(_Body):
     """``POST /forward`` (policy)."""
 
     question: str | None = None
-    decoding_strategy: str = "temperature"
+    decoding_strategy: Strategy = "temperature"
     full_simulation: bool = False
 
 
@@ -61,7 +67,7 @@ class DirectForwardRequest(_Body):
     temperature: float = 0.7
     max_input_length: int = 1024
     max_output_length: int | None = None
-    decoding_strategy: str = "temperature"
+    decoding_strategy: Strategy = "temperature"
     stop_strings: list[str] = ["<|eot_id|>", "<|eois_id|>"]
     skip_special_tokens: bool = True
 
@@ -82,6 +88,60 @@ class ValueForwardRequest(_Body):
     """``POST /forward`` (value): one conversation, or a list of conversations."""
 
     messages: list | None = None
+
+
+class Status(BaseModel):
+    """``GET /``: the reference policy server's flags, and whether (and how) training ran."""
+
+    model_config = ConfigDict(extra="allow")
+    status: str
+    allow_training: bool
+    stop_training_flag: bool
+    allow_inference: bool
+    training: bool
+    last_training: dict | None
+
+
+class Message(BaseModel):
+    """``/train_from_dataset`` and ``/stop_training`` answers."""
+
+    model_config = ConfigDict(extra="allow")
+    message: str
+
+
+class TaskId(BaseModel):
+    """``POST /forward`` (policy): the id to fetch the result with."""
+
+    task_id: str
+
+
+class Pending(BaseModel):
+    """``GET /forward/<task_id>`` while the task is queued or running (202)."""
+
+    status: Literal["pending"]
+    task_id: str
+
+
+class Forwarded(BaseModel):
+    """``GET /forward/<task_id>`` once done: one entry per sample."""
+
+    result: list[str]
+    prompt: list[str]
+    stop_string_found: list[str | None]
+    is_final_step: list[bool]
+
+
+class DirectForwarded(BaseModel):
+    """``POST /direct_forward``: the samples and the stop string each ended at (``null``: none)."""
+
+    result: list[str]
+    stop_strings: list[str | None]
+
+
+class Values(BaseModel):
+    """``POST /forward`` (value): one value per conversation."""
+
+    result: list[float]
 
 
 class TaskStore:
@@ -121,15 +181,15 @@ class TaskStore:
 
 
 def _add_training_routes(app: FastAPI, service: TrainingEngine) -> None:
-    @app.get("/")
+    @app.get("/", responses={200: {"model": Status}})
     async def _status():
         return service.status()
 
-    @app.post("/train_from_dataset", status_code=201)
+    @app.post("/train_from_dataset", status_code=201, responses={201: {"model": Message}})
     def _train(req: TrainRequest):
         return service.train_from_dataset(**req.model_dump())
 
-    @app.post("/stop_training")
+    @app.post("/stop_training", responses={200: {"model": Message}})
     def _stop():
         return service.stop_training()
 
@@ -164,7 +224,7 @@ def policy_app(
             log.exception("task %s failed", task_id)
             store.finish(task_id, None, f"{type(exc).__name__}: {exc}")
 
-    @app.post("/forward", status_code=201)
+    @app.post("/forward", status_code=201, responses={201: {"model": TaskId}})
     async def _forward(req: ForwardRequest):
         if req.question is None or not req.question:
             raise APIError(400, "'question' is required")
@@ -176,7 +236,7 @@ def policy_app(
         job.add_done_callback(running.discard)
         return {"task_id": task_id}
 
-    @app.get("/forward/{task_id}")
+    @app.get("/forward/{task_id}", responses={200: {"model": Forwarded}, 202: {"model": Pending}})
     async def _fetch(task_id: str):
         entry = store.take(task_id)
         if entry["state"] == "pending":
@@ -185,7 +245,7 @@ def policy_app(
             raise APIError(500, f"task {task_id} failed: {entry['error']}")
         return entry["body"]
 
-    @app.post("/direct_forward")
+    @app.post("/direct_forward", responses={200: {"model": DirectForwarded}})
     def _direct(req: DirectForwardRequest):
         return service.direct_forward(**req.model_dump())
 
@@ -203,7 +263,7 @@ def value_app(service: ValueEngine, settings: ServerSettings) -> FastAPI:
     )
     _add_training_routes(app, service)
 
-    @app.post("/forward")
+    @app.post("/forward", responses={200: {"model": Values}})
     def _forward(req: ValueForwardRequest):
         return service.forward(req.messages)
 

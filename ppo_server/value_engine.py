@@ -55,19 +55,27 @@ class ValueModel(AdapterModel):
         return loss, {"mse": float(loss)}
 
 
+# The roles chat templates know; any other is a caller's mistake, refused rather than rendered.
+ROLES = ("system", "user", "assistant", "tool")
+MESSAGES_SHAPE = (
+    f"'messages' must be a non-empty list of {{role, content}} objects (or a list of such lists); role is one of "
+    f"{', '.join(ROLES)}, content a string"
+)
+
+
 def _conversations(messages) -> list[list[Mapping]]:
     """``messages`` as a list of conversations: one conversation (role/content objects) or a list of them."""
 
     def is_message(m) -> bool:
-        return isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        return isinstance(m, Mapping) and m.get("role") in ROLES and isinstance(m.get("content"), str)
 
     if not isinstance(messages, list) or not messages:
-        raise ValueError("'messages' must be a non-empty list of {role, content} objects (or a list of such lists)")
+        raise ValueError(MESSAGES_SHAPE)
     if all(is_message(m) for m in messages):
         return [messages]
     if all(isinstance(c, list) and c and all(is_message(m) for m in c) for c in messages):
         return messages
-    raise ValueError("'messages' must be a non-empty list of {role, content} objects (or a list of such lists)")
+    raise ValueError(MESSAGES_SHAPE)
 
 
 class ValueEngine(TrainingEngine):

@@ -6,6 +6,7 @@ import filecmp
 import json
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -301,9 +302,10 @@ def test_speaker_7b_experiment_has_the_reference_run_settings():
 
 def test_an_abandoned_batch_frees_the_listener_for_the_next_client(listener, games):
     # One inference slot: a client that gives up on a large batch must not make the next one wait
-    # for it (without cancellation this 2048-pair batch holds the slot for about 15 s here).
+    # for it (without cancellation this 1024-pair batch, the most one request may ask, holds the
+    # slot for about 7 s here).
     items = [
-        {"candidate_paths": games[i % len(games)]["candidates"] * 16, "question": question(games[i % len(games)])}
+        {"candidate_paths": games[i % len(games)]["candidates"] * 8, "question": question(games[i % len(games)])}
         for i in range(32)
     ]
     big = {"batch": items}
@@ -320,3 +322,21 @@ def test_an_abandoned_batch_frees_the_listener_for_the_next_client(listener, gam
     assert small.status_code == 200 and len(small.json()["yes_probabilities"]) == 4
     assert waited < 4.0, waited
     assert listener.metric('listener_requests_total{route="/batch_score",status="499"}') == gone_before + 1
+
+
+def test_bad_requests_are_refused_at_once_while_the_model_is_busy(listener, games):
+    # One inference slot, held by a 1024-pair batch for seconds: requests that fail validation
+    # (bad topk, too many pairs) are answered without waiting for it.
+    items = [{"candidate_paths": g["candidates"] * 8, "question": question(g)} for g in games] * 3
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(httpx.post, f"{listener.url}/batch_score", json={"batch": items[:32]}, timeout=120)
+        time.sleep(0.5)
+        started = time.monotonic()
+        topk = httpx.post(f"{listener.url}/score", json={**items[0], "topk": 0}, timeout=30)
+        pairs = httpx.post(f"{listener.url}/batch_score", json={"batch": items}, timeout=30)
+        waited = time.monotonic() - started
+        assert not busy.done(), "the busy batch finished too soon to show anything"
+        assert topk.status_code == 400 and "topk" in topk.json()["error"]
+        assert pairs.status_code == 400 and "more than the 1024 allowed" in pairs.json()["error"]
+        assert waited < 1.0, waited
+        assert busy.result().status_code == 200

@@ -159,6 +159,19 @@ def test_api_key_is_enforced(judge_server):
             "unknown prompt template",
         ),
         ("/judge", dict(json={"items": []}), 422, "cannot be empty"),
+        # Huge and negative counts, and numbers sent as strings: refused before any model work.
+        ("/v1/completions", dict(json={"prompt": "x", "n": 10**6}), 422, "n"),
+        ("/v1/completions", dict(json={"prompt": "x", "max_tokens": 10**9}), 400, "must be below the model's context"),
+        ("/v1/completions", dict(json={"prompt": "x", "max_tokens": -5}), 422, "max_tokens"),
+        ("/v1/completions", dict(json={"prompt": "x", "n": 64, "max_tokens": 1500}), 400, "max_batch_tokens"),
+        ("/v1/completions", dict(json={"prompt": "x", "max_tokens": "5"}), 422, "max_tokens"),
+        ("/v1/completions", dict(json={"prompt": "x", "stream": 0}), 422, "stream"),
+        (
+            "/judge",
+            dict(json={"items": [{"reference": "a", "candidate": "b"}], "max_new_tokens": 10**9}),
+            400,
+            "context",
+        ),
         ("/judge", dict(json={"items": [{"candidate": "b"}]}), 422, "reference"),
     ],
 )

@@ -125,8 +125,9 @@ def test_bad_requests_get_seed_codes(policy):
     assert httpx.post(f"{url}/forward", json={}).status_code == 400
     unknown = httpx.post(f"{url}/forward", json={"question": "x", "decoding_strategy": "greedy"})
     assert unknown.status_code == 501 and "greedy" in unknown.json()["error"]
-    too_many = httpx.post(f"{url}/direct_forward", json={"input_string": "x", "num_samples": 1000})
-    assert too_many.status_code == 400
+    for huge in ({"num_samples": 10**9}, {"num_samples": -1}, {"max_output_length": 10**9}, {"max_input_length": 0}):
+        refused = httpx.post(f"{url}/direct_forward", json={"input_string": "x", **huge})
+        assert refused.status_code == 400 and next(iter(huge)) in refused.json()["error"], huge
     missing = httpx.get(f"{url}/forward/0123456789abcdef")
     assert missing.status_code == 404 and "error" in missing.json()
     assert httpx.get(f"{url}/").json()["status"].startswith("Server is running, ALLOW_TRAINING: True")
@@ -262,3 +263,8 @@ def test_unusable_dataset_paths_get_400_and_the_server_lives(policy, data_root, 
     refused = httpx.post(f"{policy.url}/train_from_dataset", json={"dataset_path": f"{data_root}/{name}"})
     assert refused.status_code == 400 and phrase in refused.json()["error"], refused.text
     assert httpx.get(f"{policy.url}/").status_code == 200
+
+
+def test_value_refuses_roles_chat_templates_do_not_know(value):
+    refused = httpx.post(f"{value.url}/forward", json={"messages": [{"role": "x", "content": "hi"}]})
+    assert refused.status_code == 400 and "role is one of system, user, assistant, tool" in refused.json()["error"]

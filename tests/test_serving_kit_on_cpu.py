@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -286,3 +288,41 @@ def test_concurrent_gate_is_thread_safe_under_load(kit):
     assert not errors
     assert set(codes) <= {200, 429, 503} and codes.count(200) >= 10
     assert threading.active_count() < 50
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "phrase"),
+    [
+        (b'{"items": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "maximum recursion depth"),  # deep nesting
+        (b'{"items": [1, 2], "x": "\xff\xfe"}', 400, "can't decode byte 0xff"),  # not UTF-8
+        (b'{"items": [1e999]}', 422, "items.0"),  # inf is not an int
+        (b'{"items": [' + b"9" * 5000 + b"]}", 400, "invalid JSON"),  # past Python's 4300-digit limit
+        (b'{"items": [1, 2]', 400, "invalid JSON"),  # cut short
+        (b"\x00\x01\x02", 400, "invalid JSON"),
+    ],
+)
+def test_hostile_bodies_get_a_4xx_and_the_server_lives(body, status, phrase):
+    settings = ServerSettings(max_batch_items=10)
+    with ThreadServer(kit_app(settings)) as server:
+        response = httpx.post(f"{server.url}/sum", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == status, response.text
+        assert phrase in response.json()["error"]
+        assert httpx.post(f"{server.url}/sum", json={"items": [1, 2]}).json() == {"sum": 3}
+
+
+def test_slow_loris_body_gets_408_and_holds_no_place_in_the_gate():
+    # One place in the gate; a client that sends its body a byte at a time must neither take it
+    # nor keep its connection past the body deadline.
+    settings = ServerSettings(max_concurrency=1, max_queue=0, body_timeout_s=1.0)
+    with ThreadServer(kit_app(settings)) as server, socket.create_connection(("127.0.0.1", server.port)) as slow:
+        slow.sendall(b"POST /sum HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 40\r\n\r\n{")
+        started = time.monotonic()
+        assert httpx.post(f"{server.url}/sum", json={"items": [4, 5]}, timeout=5).json() == {"sum": 9}
+        assert time.monotonic() - started < 0.5
+        slow.settimeout(5)
+        for _ in range(5):  # keep trickling: the deadline counts from the request's start
+            time.sleep(0.3)
+            with contextlib.suppress(OSError):
+                slow.sendall(b" ")
+        answer = slow.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 408") and "not received within 1s" in answer, answer

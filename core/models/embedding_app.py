@@ -22,11 +22,12 @@ from typing import Literal
 import numpy as np
 import orjson
 from fastapi import FastAPI, Response
-from pydantic import BaseModel, PositiveInt, StrictBool
+from pydantic import BaseModel, ConfigDict, PositiveInt, StrictBool
 
 from core.models.embedding_engine import EmbeddingEngine, InputTooLong, finish_vectors
 from core.serving.app import ServerSettings, add_batcher, check_batch_size, create_app
 from core.serving.errors import APIError
+from core.serving.schemas import ModelList
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def _json(content) -> Response:
 class EmbedRequest(BaseModel):
     """TEI's ``/embed`` body."""
 
+    model_config = ConfigDict(strict=True)
     inputs: str | list[str]
     normalize: StrictBool = True
     truncate: StrictBool = False
@@ -50,11 +52,46 @@ class EmbedRequest(BaseModel):
 class OpenAIEmbeddingRequest(BaseModel):
     """OpenAI's ``/v1/embeddings`` body."""
 
+    model_config = ConfigDict(strict=True)
     input: str | list[str]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: PositiveInt | None = None
     user: str | None = None
+
+
+class EmbeddingInfo(BaseModel):
+    """``GET /info`` (TEI's fields that apply here)."""
+
+    model_config = ConfigDict(extra="allow")
+    model_id: str
+    max_input_length: int
+    max_client_batch_size: int
+    max_concurrent_requests: int
+
+
+class Embedding(BaseModel):
+    """One vector of ``/v1/embeddings``: floats, or base64 of little-endian float32."""
+
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    """Tokens read."""
+
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    """``POST /v1/embeddings``."""
+
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
 
 
 def embedding_app(
@@ -102,8 +139,10 @@ def embedding_app(
         return finish_vectors(np.stack(vectors), normalize, dimensions)
 
     # TEI also serves its model's route at "/" (huggingface_hub's InferenceClient posts there).
-    @app.post("/")
-    @app.post("/embed")
+    vectors = {200: {"model": list[list[float]]}}
+
+    @app.post("/", responses=vectors)
+    @app.post("/embed", responses=vectors)
     async def _embed(req: EmbedRequest):
         texts = [req.inputs] if isinstance(req.inputs, str) else req.inputs
         vectors = await embed(
@@ -111,14 +150,14 @@ def embedding_app(
         )
         return _json(vectors)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": ModelList}})
     async def _models():
         return {
             "object": "list",
             "data": [{"id": engine.name, "object": "model", "created": 0, "owned_by": "rewardkit"}],
         }
 
-    @app.get("/info")
+    @app.get("/info", responses={200: {"model": EmbeddingInfo}})
     async def _info():
         return {
             **engine.info(),
@@ -126,7 +165,7 @@ def embedding_app(
             "max_concurrent_requests": settings.max_concurrency,
         }
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", responses={200: {"model": EmbeddingList}})
     async def _openai_embeddings(req: OpenAIEmbeddingRequest):
         # The one served model answers whatever `model` names, as TEI does.
         texts = [req.input] if isinstance(req.input, str) else req.input

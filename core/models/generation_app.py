@@ -26,12 +26,13 @@ from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from core.models.generation import Completion, SamplingParams, TokenLogprob, apply_stop
 from core.models.generation_engine import GenerationEngine
 from core.serving.app import ServerSettings, add_batcher, check_batch_size, create_app
 from core.serving.errors import APIError
+from core.serving.schemas import ModelList
 
 
 class TextPart(BaseModel):
@@ -49,7 +50,9 @@ class ChatMessage(BaseModel):
 
 
 class Sampling(BaseModel):
-    """Sampling fields shared by both generation routes."""
+    """Sampling fields shared by both generation routes (strict: ``"5"`` is not a number here)."""
+
+    model_config = ConfigDict(strict=True)
 
     model: str | None = None
     n: int = Field(1, ge=1, le=64)
@@ -113,6 +116,66 @@ class CompletionRequest(Sampling):
 
     prompt: str | list[str]
     logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class Usage(BaseModel):
+    """Token counts of a completion."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class _Choice(BaseModel):
+    index: int
+    finish_reason: Literal["stop", "length"]
+    stop_reason: str | None
+    logprobs: dict | None
+
+
+class AssistantMessage(BaseModel):
+    """The generated chat message."""
+
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(_Choice):
+    """One chat completion choice."""
+
+    message: AssistantMessage
+
+
+class TextChoice(_Choice):
+    """One text completion choice."""
+
+    text: str
+
+
+class _Completion(BaseModel):
+    id: str
+    created: int
+    model: str
+    usage: Usage
+
+
+class ChatCompletion(_Completion):
+    """``POST /v1/chat/completions`` (``stream: false``)."""
+
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+
+
+class TextCompletion(_Completion):
+    """``POST /v1/completions`` (``stream: false``)."""
+
+    object: Literal["text_completion"]
+    choices: list[TextChoice]
+
+
+def _or_stream(model: type[BaseModel]) -> dict:
+    """The 200 answer of a generation route: the JSON body, or server-sent events with ``stream: true``."""
+    return {200: {"model": model, "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 
 def _chat_logprobs(tokens: list[TokenLogprob]) -> dict:
@@ -185,7 +248,7 @@ def generation_app(
     title: str = "generation",
 ) -> FastAPI:
     """The OpenAI-compatible app serving ``engine``. ``app.state.batcher`` (prompts, params) and
-    ``app.state.check_prompts`` (prompts, max_tokens) let a caller add routes over the same model
+    ``app.state.check_prompts`` (prompts, params) let a caller add routes over the same model
     calls (the judge's ``/judge``)."""
     app = create_app(
         title,
@@ -214,9 +277,11 @@ def generation_app(
             top_logprobs=top_logprobs or 0,
         )
 
-    def check_prompts(prompts: list[str], max_tokens: int) -> int:
+    def check_prompts(prompts: list[str], params: SamplingParams) -> int:
         """The prompts' total token count; 400 for an empty prompt or one that does not fit the
-        context with ``max_tokens`` (as vLLM answers: never a silently truncated prompt)."""
+        context with ``max_tokens`` (as vLLM answers: never a silently truncated prompt), or whose
+        ``n`` rows would not fit one batch."""
+        max_tokens = params.max_tokens
         check_batch_size(len(prompts), settings, "prompt")
         total = 0
         for i, prompt in enumerate(prompts):
@@ -230,11 +295,12 @@ def generation_app(
                     f"requested {tokens + max_tokens} tokens ({tokens} in the prompt, {max_tokens} for the "
                     "completion). Please reduce the length of the prompt or max_tokens.",
                 )
+            engine.check_budget(tokens, params)
             total += tokens
         return total
 
     async def generate(prompts: list[str], params: SamplingParams, stop) -> tuple[list[list[Completion]], int]:
-        prompt_tokens = check_prompts(prompts, params.max_tokens)
+        prompt_tokens = check_prompts(prompts, params)
         stops = [stop] if isinstance(stop, str) else stop
         groups = await batcher.submit(prompts, key=params)
         return [[apply_stop(c, stops) for c in group] for group in groups], prompt_tokens
@@ -261,7 +327,7 @@ def generation_app(
             },
         }
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": ModelList}})
     async def _models():
         return {
             "object": "list",
@@ -276,7 +342,7 @@ def generation_app(
             ],
         }
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_or_stream(ChatCompletion))
     async def _chat(req: ChatRequest):
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true")
@@ -289,7 +355,7 @@ def generation_app(
         prompt = engine.render_chat(messages, None if thinking is None else bool(thinking))
         return respond(req, "chat.completion", await generate([prompt], params, req.stop), chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_or_stream(TextCompletion))
     async def _completions(req: CompletionRequest):
         params = sampling(req, 16, req.logprobs)  # 16: OpenAI's and vLLM's default for plain completions
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt

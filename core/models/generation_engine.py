@@ -67,9 +67,12 @@ class GenerationEngine:
         model: a model config node (``conf/model/*.yaml``).
         gpus: 0 for the CPU, otherwise the model goes on ``cuda``.
         max_batch_size: prompts per ``generate`` call (larger inputs are split).
+        max_batch_tokens: token positions (rows × (prompt + new tokens)) one ``generate`` call may
+            hold, which bounds the KV cache: inputs are split to fit, and one prompt whose ``n``
+            rows alone exceed it is refused (``ValueError``) before any model work.
     """
 
-    def __init__(self, model: Mapping, gpus: int = 0, max_batch_size: int = 32):
+    def __init__(self, model: Mapping, gpus: int = 0, max_batch_size: int = 32, max_batch_tokens: int = 65536):
         self.device = device_for(gpus)
         self.tokenizer = load_tokenizer(model)
         self.model = build_causal_lm(model, self.tokenizer, self.device)
@@ -79,6 +82,7 @@ class GenerationEngine:
             model.get("max_model_len") or getattr(self.model.config, "max_position_embeddings", 2048)
         )
         self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.end_ids = end_token_ids(self.tokenizer, self.model.generation_config)
         self.generate_calls = 0
         self._lock = threading.Lock()
@@ -93,6 +97,19 @@ class GenerationEngine:
     def count_tokens(self, text: str) -> int:
         """Number of tokens in ``text`` (without special tokens)."""
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def rows_per_prompt(self, params: SamplingParams) -> int:
+        """Sequences decoded per prompt (greedy decoding gives the same one ``n`` times: decoded once)."""
+        return params.n if params.temperature > 0 else 1
+
+    def check_budget(self, prompt_tokens: int, params: SamplingParams) -> None:
+        """Refuse (``ValueError``) a prompt whose rows alone would not fit one ``generate`` call."""
+        need = self.rows_per_prompt(params) * (prompt_tokens + params.max_tokens)
+        if need > self.max_batch_tokens:
+            raise ValueError(
+                f"n × (prompt + max_tokens) = {need} token positions, more than the {self.max_batch_tokens} "
+                "one batch may hold (max_batch_tokens); lower n or max_tokens"
+            )
 
     def chat(
         self,
@@ -109,10 +126,18 @@ class GenerationEngine:
     ) -> list[list[Completion]]:
         """``params.n`` continuations for each prompt, cut at the first of ``stop``."""
         out: list[list[Completion]] = []
-        for start in range(0, len(prompts), self.max_batch_size):
+        step = self._prompts_per_call(prompts, params)
+        for start in range(0, len(prompts), step):
             check_abandoned("generation")
-            out.extend(self._generate(list(prompts[start : start + self.max_batch_size]), params, stop))
+            out.extend(self._generate(list(prompts[start : start + step]), params, stop))
         return [[apply_stop(c, stop) for c in group] for group in out]
+
+    def _prompts_per_call(self, prompts: Sequence[str], params: SamplingParams) -> int:
+        longest = max(
+            (len(ids) for ids in self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]), default=0
+        )
+        per_prompt = self.rows_per_prompt(params) * min(self.max_model_len, longest + params.max_tokens)
+        return max(1, min(self.max_batch_size, self.max_batch_tokens // max(1, per_prompt)))
 
     @torch.inference_mode()
     def _generate(
@@ -123,8 +148,7 @@ class GenerationEngine:
             prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_input, add_special_tokens=False
         )
         sampling = params.temperature > 0
-        # Greedy decoding gives the same sequence n times (as vLLM does); generate it once.
-        per_prompt = params.n if sampling else 1
+        per_prompt = self.rows_per_prompt(params)
         enc = {k: v.repeat_interleave(per_prompt, dim=0).to(self.device) for k, v in enc.items()}
         recorder = LogprobRecorder(params.top_logprobs) if params.logprobs else None
         kwargs = {

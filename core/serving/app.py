@@ -20,14 +20,16 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.serving.batcher import MicroBatcher
 from core.serving.cancel import Abandoned
 from core.serving.errors import APIError, error_body
-from core.serving.gate import CLIENT_GONE, ConcurrencyGate, RequestGate
+from core.serving.gate import CLIENT_GONE, ConcurrencyGate, RequestGate, gated_route_class
+from core.serving.schemas import Health, declare_errors
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,11 @@ class ServerSettings:
     max_concurrency: int = 64
     max_queue: int = 256
     acquire_timeout_s: float = 30.0
-    graceful_timeout_s: float = 10.0
+    # A request body must arrive within this (a slow-loris client gets 408, holding nothing).
+    body_timeout_s: float = 30.0
+    # On SIGTERM, requests in flight get this long to finish (then 503): under the 30 s that
+    # Kubernetes and Slurm wait before SIGKILL.
+    graceful_timeout_s: float = 25.0
     log_level: str = "info"
 
     @classmethod
@@ -147,7 +153,8 @@ def create_app(
     app.state.metrics = ServiceMetrics(metrics_namespace)
     app.state.shutdown_hooks = hooks
     app.state.gate = ConcurrencyGate(settings.max_concurrency, settings.max_queue, settings.acquire_timeout_s)
-    app.add_middleware(RequestGate, settings=settings, gate=app.state.gate, metrics=app.state.metrics)
+    app.router.route_class = gated_route_class(app.state.gate)
+    app.add_middleware(RequestGate, settings=settings, metrics=app.state.metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(req: Request, exc: APIError):
@@ -156,6 +163,8 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(req: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not decode the body: say why
+            message = f"invalid JSON body: {exc.__cause__}"
         return JSONResponse(
             error_body(message, exc.status_code, path=req.url.path),
             status_code=exc.status_code,
@@ -188,14 +197,25 @@ def create_app(
             error_body(message, 500, path=req.url.path), status_code=500, headers={"connection": "close"}
         )
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": Health}})
     async def _health():
         return {"status": "ok", **(health() if health else {})}
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     async def _metrics():
         return Response(generate_latest(app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            app.openapi_schema = declare_errors(spec)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 

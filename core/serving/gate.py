@@ -1,15 +1,21 @@
-"""What every request passes before any route runs: the API key, the body-size limit, the
-concurrency limit (429/503 instead of a hang), request metrics, and the watch on the client that
-cancels a request whose client left (``core.serving.cancel``)."""
+"""What every request passes: before any route runs, the API key, the body-size limit, a deadline
+for the body to arrive, request metrics, and the watch on the client that cancels a request
+whose client left (``core.serving.cancel``); once the body is valid, the concurrency limit (429/503
+instead of a hang) around the route itself (``gated_route_class``)."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
+import inspect
 import json
 import time
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
+from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.serving.cancel import request_scope
@@ -25,9 +31,11 @@ CLIENT_GONE = 499
 UNGATED_PATHS = frozenset({"/health", "/metrics"})
 
 
-class _Overloaded(Exception):
+class Overloaded(StarletteHTTPException):
+    """No capacity: 429 (queue full) or 503 (waited too long), with ``Retry-After``."""
+
     def __init__(self, status: int, message: str):
-        self.status, self.message = status, message
+        super().__init__(status, message, headers={"retry-after": "1"})
 
 
 class _BodyTooLarge(StarletteHTTPException):
@@ -35,6 +43,13 @@ class _BodyTooLarge(StarletteHTTPException):
 
     def __init__(self, limit: int):
         super().__init__(413, f"request body larger than {limit} bytes")
+
+
+class _BodyTooSlow(StarletteHTTPException):
+    """The body did not arrive in time (a slow-loris client): 408, as nginx answers."""
+
+    def __init__(self, timeout_s: float):
+        super().__init__(408, f"request body not received within {timeout_s:g}s")
 
 
 class ConcurrencyGate:
@@ -57,12 +72,12 @@ class ConcurrencyGate:
                 self.running += 1
                 return
             if self.waiting >= self.max_queue:
-                raise _Overloaded(429, f"server busy: {self.running} running, {self.waiting} queued")
+                raise Overloaded(429, f"server busy: {self.running} running, {self.waiting} queued")
             self.waiting += 1
             try:
                 await asyncio.wait_for(self._cond.wait_for(lambda: self.running < self.limit), self.timeout_s)
             except asyncio.TimeoutError:
-                raise _Overloaded(503, f"no capacity within {self.timeout_s:g}s; retry later") from None
+                raise Overloaded(503, f"no capacity within {self.timeout_s:g}s; retry later") from None
             finally:
                 self.waiting -= 1
             self.running += 1
@@ -71,6 +86,45 @@ class ConcurrencyGate:
         async with self._cond:
             self.running -= 1
             self._cond.notify(1)
+
+    @asynccontextmanager
+    async def slot(self):
+        """Hold one of the ``limit`` places for the block."""
+        await self.acquire()
+        try:
+            yield
+        finally:
+            await self.release()
+
+
+def gated_route_class(gate: ConcurrencyGate) -> type[APIRoute]:
+    """A route class whose endpoints run inside ``gate``: FastAPI reads and validates the body
+    first, so a bad or slowly sent request never holds a place a model call could use."""
+
+    class GatedRoute(APIRoute):
+        def __init__(self, path: str, endpoint, **kwargs):
+            super().__init__(path, endpoint if path in UNGATED_PATHS else _in_slot(endpoint, gate), **kwargs)
+
+    return GatedRoute
+
+
+def _in_slot(endpoint, gate: ConcurrencyGate):
+    # functools.wraps keeps the endpoint's signature (FastAPI reads its parameters through __wrapped__).
+    if inspect.iscoroutinefunction(endpoint):
+
+        @functools.wraps(endpoint)
+        async def run(*args, **kwargs):
+            async with gate.slot():
+                return await endpoint(*args, **kwargs)
+
+    else:
+
+        @functools.wraps(endpoint)
+        async def run(*args, **kwargs):
+            async with gate.slot():
+                return await run_in_threadpool(endpoint, *args, **kwargs)
+
+    return run
 
 
 async def _send_json(send, status: int, payload: dict, headers: list | None = None) -> None:
@@ -90,10 +144,10 @@ async def _send_json(send, status: int, payload: dict, headers: list | None = No
 
 
 class RequestGate:
-    """ASGI middleware: API key, body size, concurrency and request metrics, before any route runs."""
+    """ASGI middleware: API key, body size and deadline, and request metrics, before any route runs."""
 
-    def __init__(self, app, settings: ServerSettings, gate: ConcurrencyGate, metrics: ServiceMetrics):
-        self.app, self.settings, self.gate, self.metrics = app, settings, gate, metrics
+    def __init__(self, app, settings: ServerSettings, metrics: ServiceMetrics):
+        self.app, self.settings, self.metrics = app, settings, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -115,23 +169,15 @@ class RequestGate:
             if path in UNGATED_PATHS:
                 await self.app(scope, self._limited(receive), tracked_send)
                 return
-            try:
-                await self.gate.acquire()
-            except _Overloaded as exc:
-                await _send_json(
-                    tracked_send, exc.status, error_body(exc.message, exc.status, path=path), [(b"retry-after", b"1")]
-                )
-                return
             self.metrics.in_flight.inc()
             try:
                 if not await self._serve_while_connected(scope, receive, tracked_send):
                     status["code"] = CLIENT_GONE
             finally:
                 self.metrics.in_flight.dec()
-                await self.gate.release()
-        except _BodyTooLarge as exc:
+        except (_BodyTooLarge, _BodyTooSlow) as exc:
             if not status["started"]:
-                await _send_json(tracked_send, 413, error_body(exc.detail, 413, path=path))
+                await _send_json(tracked_send, exc.status_code, error_body(exc.detail, exc.status_code, path=path))
         finally:
             route = scope.get("route")
             label = getattr(route, "path", None) or ("unmatched" if path not in UNGATED_PATHS else path)
@@ -142,10 +188,12 @@ class RequestGate:
         """Run the app for this request; if the client disconnects first, flag the request
         (``core.serving.cancel``: model loops stop, queued work is dropped) and cancel it.
         False when the client left before the answer."""
-        body_read, gone, answered = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        body_read, gone, started, answered = asyncio.Event(), asyncio.Event(), asyncio.Event(), asyncio.Event()
         limited = self._limited(receive)
 
         async def app_send(message):
+            if message["type"] == "http.response.start":
+                started.set()
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 answered.set()
             await send(message)
@@ -180,7 +228,13 @@ class RequestGate:
             except asyncio.CancelledError:
                 if flag.is_set():  # the client left: nothing to answer
                     return False
-                raise
+                # The server is stopping and its graceful time ran out: stop this request's work
+                # and say so, instead of a dropped connection and a traceback.
+                flag.set()
+                if not started.is_set():
+                    message = "the server is shutting down and could not finish this request in time; retry"
+                    await _send_json(send, 503, error_body(message, 503, path=scope["path"]), [(b"retry-after", b"1")])
+                return True
             finally:
                 watcher.cancel()
 
@@ -198,12 +252,17 @@ class RequestGate:
         return None
 
     def _limited(self, receive):
-        """Count body bytes as they arrive, so chunked uploads cannot exceed the limit either."""
+        """Count body bytes as they arrive, so chunked uploads cannot exceed the limit either, and
+        give the whole body ``body_timeout_s`` to arrive."""
         seen = 0
+        deadline = time.monotonic() + self.settings.body_timeout_s
 
         async def wrapped():
             nonlocal seen
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise _BodyTooSlow(self.settings.body_timeout_s) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.settings.max_body_bytes:

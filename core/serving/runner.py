@@ -8,10 +8,15 @@ from core.serving.app import ServerSettings
 from core.serving.server import check_address, serve
 
 
+def build_service(cfg, settings: ServerSettings | None = None):
+    """The app of a service config: the engine its ``engine:`` node names, under the app its
+    ``app:`` node makes (a partial taking ``(engine, settings)``)."""
+    settings = settings or ServerSettings.from_config(cfg.server)
+    return instantiate(cfg.app)(instantiate(cfg.engine), settings)
+
+
 def run_service(cfg) -> None:
-    """Build the engine the service config's ``engine:`` node names, the app its ``app:`` node
-    makes over it (a partial taking ``(engine, settings)``), and serve it with ``server:``."""
+    """Build the service's app (``build_service``) and serve it with ``server:``."""
     settings = ServerSettings.from_config(cfg.server)
     check_address(settings)  # a port in use is found in a second, not after the model has loaded
-    engine = instantiate(cfg.engine)
-    serve(instantiate(cfg.app)(engine, settings), settings)
+    serve(build_service(cfg, settings), settings)
