@@ -5,15 +5,26 @@ python run.py service=embedding     # serve; see conf/config.yaml for the groups
 python run.py --help                # every group and option
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
+from core.config_errors import config_error_in
 from core.tasks import run_task
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
-    return run_task(cfg)
+    try:
+        return run_task(cfg)
+    except Exception as exc:
+        cause = config_error_in(exc)
+        if cause is None:
+            raise
+        # A setting that cannot work: its message says which and why; a traceback would bury it.
+        print(f"error: {cause}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import torch
 from hydra.utils import get_method
 from omegaconf import DictConfig
 
+from core.config_errors import ConfigError, check_types
+
 log = logging.getLogger(__name__)
 
 
@@ -31,12 +33,17 @@ def check_one_task(cfg: DictConfig) -> None:
     chosen = dict(cfg.get("tasks") or {})
     if len(chosen) != 1:
         named = ", ".join(f"{group}={option}" for group, option in chosen.items()) or "none"
-        raise ValueError(f"choose exactly one task with one of {', '.join(g + '=' for g in TASK_GROUPS)} (got {named})")
+        raise ConfigError(
+            f"choose exactly one task with one of {', '.join(g + '=' for g in TASK_GROUPS)} (got {named})"
+        )
 
 
 def run_task(cfg: DictConfig):
     """Seed, then hand the whole config to the task function (no name-based dispatch)."""
+    from core.serving.app import ServerSettings
+
     check_one_task(cfg)
+    check_types(cfg, {"server": ServerSettings})
     seed_everything(int(cfg.seed))
     # One INFO line per HTTP request (httpx's default) drowns the run log of a client-heavy task.
     logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -103,6 +104,24 @@ class AdapterModel:
         """The micro-batch's loss (mean over the batch) and statistics to log."""
         raise NotImplementedError
 
+    def save_adapter(self, target: Path) -> None:
+        """Save the adapter to ``target`` atomically: written beside it, then renamed, so a crash
+        leaves either the whole adapter or none (a ``*.partial`` folder is never loaded)."""
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        with self.lock:
+            self.model.save_pretrained(str(partial))
+        os.replace(partial, target)
+
+    def load_adapter(self, folder: Path) -> None:
+        """Put a saved adapter's weights into the model (same LoRA settings)."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = load_file(str(folder / "adapter_model.safetensors"), device=str(self.device))
+        with self.lock:
+            set_peft_model_state_dict(self.model, weights)
+
     def _wrap(self, base, lora: Mapping):
         from peft import PeftModel, get_peft_model
 
@@ -179,8 +198,7 @@ class AdapterModel:
                 if stopped:
                     break
         adapter = out_dir / "adapter"
-        with self.lock:
-            self.model.save_pretrained(str(adapter))
+        self.save_adapter(adapter)
         return {
             "steps": step,
             "micro_batches": micro,
@@ -200,6 +218,9 @@ class TrainingEngine:
         dataset_roots: folders ``dataset_path`` may point into.
         scratch: where ``save_samples`` writes (``$SCRATCH``; samples go to ``<scratch>/datasets``).
         output_dir: each training writes ``train_log.jsonl`` and ``adapter/`` under ``<output_dir>/training-<n>``.
+        resume_adapter: a server started on an ``output_dir`` that holds earlier trainings (a restart
+            after a crash) serves the newest saved adapter, reports it in ``last_training``, and
+            numbers its next training after them; false starts from the configured adapter.
     """
 
     def __init__(
@@ -211,6 +232,7 @@ class TrainingEngine:
         scratch: str | None = None,
         output_dir: str = "outputs/ppo_server",
         stop_timeout_s: float = 600.0,
+        resume_adapter: bool = True,
     ):
         self.adapter = adapter
         self.allow_training, self.allow_inference = bool(allow_training), bool(allow_inference)
@@ -222,6 +244,20 @@ class TrainingEngine:
         self.last_training: dict | None = None
         self._thread: threading.Thread | None = None
         self._runs = 0
+        self._pick_up_earlier_trainings(resume_adapter)
+
+    def _pick_up_earlier_trainings(self, load: bool) -> None:
+        runs = {int(d.name.split("-")[-1]): d for d in self.output_dir.glob("training-*") if d.name[9:].isdigit()}
+        self._runs = max(runs, default=0)
+        for folder in runs.values():  # what a crash while saving left: never loaded
+            for partial in folder.glob("*.partial"):
+                log.warning("removing %s: an adapter the server was stopped while saving", partial)
+                shutil.rmtree(partial)
+        saved = [runs[n] / "adapter" for n in sorted(runs) if (runs[n] / "adapter" / "adapter_config.json").exists()]
+        if saved and load:
+            self.adapter.load_adapter(saved[-1])
+            self.last_training = {"adapter": str(saved[-1]), "restored": True}
+            log.info("serving the adapter saved by an earlier run: %s", saved[-1])
 
     @property
     def training(self) -> bool:

@@ -381,6 +381,42 @@ def test_a_port_in_use_fails_at_start_naming_the_setting():
         taken.listen()
         port = taken.getsockname()[1]
         result = run_cli("service=embedding", f"server.port={port}", timeout=120)
-    assert result.returncode != 0
-    assert f"cannot listen on 127.0.0.1:{port}" in result.stdout and "server.port=" in result.stdout
+    assert result.returncode == 2
+    assert f"error: cannot listen on 127.0.0.1:{port}" in result.stdout and "server.port=" in result.stdout
     assert "Loading SentenceTransformer" not in result.stdout  # refused before the model loads
+    assert "Traceback" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("overrides", "phrase"),
+    [
+        (["trainer.max_steps=abc"], "trainer.max_steps='abc' (must be int)"),
+        (["seed=1.5"], "seed=1.5 (must be int)"),
+        (["lora.r=x"], "lora.r='x' (must be int)"),
+        (["trainer.learning_rate=fast"], "trainer.learning_rate='fast' (must be int or float)"),
+        (["gpus=3"], "gpus=3 but 0 CUDA devices are visible"),
+        (["dataset=files", "dataset.path=/nowhere/train.jsonl"], "dataset file /nowhere/train.jsonl does not exist"),
+        (["resume=/nowhere"], "resume=/nowhere: no complete checkpoint"),
+    ],
+    ids=["int", "seed", "lora", "float", "gpus", "dataset", "resume"],
+)
+def test_bad_settings_fail_at_start_naming_the_key(tmp_path, overrides, phrase):
+    from conftest import run_in_process
+    from core.config_errors import ConfigError, config_error_in
+
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - Hydra's instantiate may wrap it
+        run_in_process(tmp_path, "experiment=smoke", "logger=none", *overrides)
+    error = config_error_in(raised.value)
+    assert isinstance(error, ConfigError) and phrase in str(error), raised.value
+    assert not (tmp_path / "metrics.jsonl").exists()  # refused before the first step
+
+
+def test_an_unwritable_run_dir_fails_at_start_with_status_2(tmp_path):
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("")
+    result = run_cli(
+        "experiment=smoke", "logger=none", f"hydra.run.dir={tmp_path}/run", f"paths.output_dir={in_the_way}/run"
+    )
+    assert result.returncode == 2, result.stdout[-2000:]
+    assert f"error: paths.output_dir={in_the_way}/run cannot be written (Not a directory)" in result.stdout
+    assert "Traceback" not in result.stdout

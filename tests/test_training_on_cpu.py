@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -275,3 +276,41 @@ def test_user_jsonl_and_parquet_load_into_the_standard_columns(tmp_path):
         "dataset.answer_key=answer",
     )
     assert {s["prompt"] for s in samples(tmp_path / "run")} <= {"Capital of Peru?", "2+2?"}
+
+
+@pytest.mark.slow
+def test_a_run_killed_between_checkpoints_resumes_to_the_same_end(tmp_path):
+    common = [SMOKE, "logger=none", "reward=exact_match", "trainer.save_steps=2", "trainer.max_steps=4", "seed=3"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_in_process(straight, *common)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *common, f"hydra.run.dir={killed}"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not ((killed / "metrics.jsonl").exists() and len(metrics(killed)) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # after step 3: checkpoint-2 is the last one
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    checkpoints = killed / "checkpoints"
+    assert (checkpoints / "checkpoint-2" / "trainer_state.json").exists()
+    # What a kill while saving step 4 leaves: the weights written, the trainer state cut short.
+    shutil.copytree(checkpoints / "checkpoint-2", checkpoints / "checkpoint-4", dirs_exist_ok=True)
+    state = checkpoints / "checkpoint-4" / "trainer_state.json"
+    state.write_text(state.read_text()[:40])
+
+    run_in_process(killed, *common, "resume=latest")
+
+    assert metrics(killed)[-1]["step"] == metrics(straight)[-1]["step"] == 4
+    prompts = {run: [(s["step"], s["prompt"]) for s in samples(run) if s["step"] > 2] for run in (straight, killed)}
+    assert prompts[killed][-len(prompts[straight]) :] == prompts[straight]  # the same data order after the resume
+    saved = sorted(p.name for p in checkpoints.glob("checkpoint-*"))
+    assert saved == ["checkpoint-2", "checkpoint-4"]
+    assert all(json.loads((checkpoints / name / "trainer_state.json").read_text())["global_step"] for name in saved)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from core.config_errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -151,12 +153,20 @@ def device_name(gpus: int, local_rank: str | None = None) -> str:
     return f"cuda:{int(local_rank)}" if local_rank is not None else "cuda"
 
 
+def check_gpus(gpus: int) -> None:
+    """Refuse ``gpus`` beyond the CUDA devices this process sees (before any launch or model load)."""
+    visible = torch.cuda.device_count() if gpus > 0 else 0
+    if visible < gpus:
+        raise ConfigError(
+            f"gpus={gpus} but {visible} CUDA devices are visible (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use gpus=0 to run on the CPU, or at most {visible}"
+        )
+
+
 def device_for(gpus: int) -> torch.device:
     """The device ``gpus`` asks for in this process: the CPU, or this rank's GPU (``LOCAL_RANK``)."""
-    name = device_name(gpus, os.environ.get("LOCAL_RANK"))
-    if name != "cpu" and not torch.cuda.is_available():
-        raise RuntimeError(f"gpus={gpus} but no CUDA device is visible; use gpus=0 to run on the CPU")
-    return torch.device(name)
+    check_gpus(gpus)
+    return torch.device(device_name(gpus, os.environ.get("LOCAL_RANK")))
 
 
 def attention_implementation(requested: str | None, device: torch.device) -> str | None:

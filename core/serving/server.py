@@ -8,6 +8,7 @@ import socket
 import uvicorn
 from fastapi import FastAPI
 
+from core.config_errors import ConfigError
 from core.serving.app import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def check_address(settings: ServerSettings) -> None:
         try:
             probe.bind((settings.host, settings.port))
         except OSError as exc:
-            raise OSError(
+            raise ConfigError(
                 f"cannot listen on {settings.host}:{settings.port} ({exc.strerror}): set server.port= "
                 "(or the service's port variable) to a free port, or host= to an address of this machine"
             ) from None

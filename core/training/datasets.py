@@ -16,6 +16,8 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from core.config_errors import ConfigError
+
 INSTRUCTION = "Answer briefly, inside <answer></answer>."
 
 _CAPITALS = {
@@ -152,7 +154,9 @@ def from_files(
     """Rows of a ``.jsonl``/``.json`` or ``.parquet`` file, mapped to the standard columns."""
     file = Path(path)
     if not file.exists():
-        raise FileNotFoundError(f"dataset file {file} does not exist")
+        raise ConfigError(
+            f"dataset file {file} does not exist (dataset.path): give an existing .jsonl, .json or .parquet"
+        )
     kind = "parquet" if file.suffix == ".parquet" else "json"
     rows = Dataset.from_parquet(str(file)) if kind == "parquet" else Dataset.from_json(str(file))
     rows = rows.to_list()[:limit] if limit else rows.to_list()

@@ -29,7 +29,8 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 from transformers import ProgressCallback, TrainerCallback
 
-from core.models.loading import build_causal_lm, device_for, load_tokenizer
+from core.config_errors import ConfigError, check_types, check_writable_dir
+from core.models.loading import build_causal_lm, check_gpus, device_for, load_tokenizer
 from core.rewards.base import RewardMix, as_text, trl_reward_func
 from core.tasks import job_overrides
 from core.training.layout import Layout, launch_command, layout_for, needs_launcher, write_launch_files
@@ -131,9 +132,21 @@ class RunLog(TrainerCallback):
                 f.write(json.dumps(sample) + "\n")
 
 
+def checkpoint_complete(folder: Path) -> bool:
+    """Whether a ``checkpoint-*`` folder was written to the end: the trainer writes
+    ``trainer_state.json`` last, so a run killed while saving leaves it missing or cut short."""
+    try:
+        return "global_step" in json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def find_checkpoint(resume, checkpoints_dir: Path) -> str | None:
-    """The checkpoint to resume from: ``None``/false (none), ``latest``/true (the newest one in
-    this run's ``checkpoints/``), or a path to a checkpoint or to an earlier run dir."""
+    """The checkpoint to resume from: ``None``/false (none), ``latest``/true (the newest complete
+    one in this run's ``checkpoints/``), or a path to a checkpoint or to an earlier run dir.
+
+    A checkpoint a killed run left half-written is never resumed from: it is removed (with a
+    warning), so the run goes on from the last complete one and saves that step again."""
     if resume in (None, False, "", "none"):
         return None
     if resume is True or resume == "latest":
@@ -141,12 +154,17 @@ def find_checkpoint(resume, checkpoints_dir: Path) -> str | None:
     else:
         where = Path(str(resume))
         if (where / "trainer_state.json").exists():
+            if not checkpoint_complete(where):
+                raise ConfigError(f"resume={resume}: the checkpoint is incomplete (its trainer_state.json)")
             return str(where)
         if (where / "checkpoints").is_dir():
             where = where / "checkpoints"
     found = sorted(where.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if where.is_dir() else []
+    while found and not checkpoint_complete(found[-1]):
+        log.warning("removing %s: written only in part (the run was stopped while saving it)", found[-1])
+        shutil.rmtree(found.pop(), ignore_errors=True)  # every rank may get here
     if not found:
-        raise FileNotFoundError(f"resume={resume}: no checkpoint-* under {where}")
+        raise ConfigError(f"resume={resume}: no complete checkpoint-* under {where}")
     return str(found[-1])
 
 
@@ -230,8 +248,14 @@ def train(cfg, build) -> dict:
     train dataset, ``RewardMix``); it runs only in a process that trains (with ``gpus > 1``, after
     the relaunch under accelerate, on every rank). The rest of ``cfg``: ``trainer``, ``lora``,
     ``resume``, ``checkpoints``, ``logger``, ``deepspeed``, ``gpus``, ``seed``."""
-    run_dir = Path(cfg.paths.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)  # Hydra makes it for a CLI run; a caller from Python may not
+    # Hydra makes it for a CLI run, a caller from Python may not; either way a run that could not
+    # save its checkpoints stops here, before the model loads.
+    from trl import GRPOConfig, GRPOTrainer
+
+    check_types(cfg, {"trainer": GRPOConfig})
+    run_dir = check_writable_dir(cfg.paths.output_dir, "paths.output_dir")
+    check_gpus(int(cfg.gpus))
+    resume_from = find_checkpoint(cfg.resume, run_dir / "checkpoints")  # a bad resume= fails before any work
     layout = layout_for(int(cfg.gpus), cfg.deepspeed.config)
     if needs_launcher(layout):
         return _relaunch(layout, run_dir)
@@ -249,8 +273,6 @@ def train(cfg, build) -> dict:
         args.per_device_train_batch_size * args.gradient_accumulation_steps * layout.num_processes,
     )
 
-    from trl import GRPOTrainer
-
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=recorder.reward_funcs(),
@@ -262,7 +284,7 @@ def train(cfg, build) -> dict:
     )
     trainer.remove_callback(ProgressCallback)  # it prints every log dict; RunLog keeps a quieter bar
     try:
-        trainer.train(resume_from_checkpoint=find_checkpoint(cfg.resume, run_dir / "checkpoints"))
+        trainer.train(resume_from_checkpoint=resume_from)
         if not trainer.is_world_process_zero():
             return {}
         trainer.save_model(str(run_dir / "adapter"))

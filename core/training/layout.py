@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from core.config_errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -38,9 +40,9 @@ class Layout:
 def layout_for(gpus: int, deepspeed: Mapping | None = None) -> Layout:
     """The layout for ``gpus`` GPUs (0 = CPU), with an optional DeepSpeed config."""
     if gpus < 0:
-        raise ValueError(f"gpus must be >= 0, got {gpus}")
+        raise ConfigError(f"gpus must be >= 0, got {gpus}")
     if gpus == 0 and deepspeed:
-        raise ValueError("DeepSpeed needs GPUs: use deepspeed=none with gpus=0")
+        raise ConfigError("DeepSpeed needs GPUs: use deepspeed=none with gpus=0")
     if gpus == 0:
         return Layout(0, 1, "cpu", "no", None)
     return Layout(gpus, gpus, "cuda", "bf16", dict(deepspeed) if deepspeed else None)
