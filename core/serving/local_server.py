@@ -31,7 +31,8 @@ class LocalServer:
     """``python run.py <overrides> server.port=<free>`` in a subprocess, logging to ``log_dir``.
 
     ``command(port)`` replaces that with any other server answering ``GET /health`` (a peer
-    server in a benchmark, say). Use as a context manager, or call ``start()`` / ``stop()``.
+    server in a benchmark, say); ``port`` a given port (a server restarted where its clients
+    expect it). Use as a context manager, or call ``start()`` / ``stop()``.
     """
 
     def __init__(
@@ -40,8 +41,9 @@ class LocalServer:
         *overrides: str,
         env: dict | None = None,
         command: Callable[[int], list[str]] | None = None,
+        port: int | None = None,
     ):
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(log_dir) / f"server-{self.port}.log"
         self.args = (
