@@ -7,15 +7,23 @@ same batched model calls as ``/v1/chat/completions`` (``core.models.generation_a
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import FastAPI
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, WithJsonSchema
 
 from core.models.generation_app import generation_app
 from core.models.generation_engine import GenerationEngine
 from core.serving.app import ServerSettings, check_batch_size
-from judges.prompts import judge_sampling, judge_score, render, resolve_template
+from judges.prompts import TEMPLATES, judge_sampling, judge_score, render, resolve_template
+
+TEMPLATE_SCHEMA = {
+    "anyOf": [
+        {"enum": list(TEMPLATES)},
+        {"type": "string", "allOf": [{"pattern": r"\{CANDIDATE_SOLUTION\}"}, {"pattern": r"\{REFERENCE_SOLUTION\}"}]},
+    ],
+    "default": "default",
+}
 
 
 class JudgeItem(BaseModel):
@@ -33,7 +41,8 @@ class JudgeRequest(BaseModel):
     items: list[JudgeItem]
     # text (parse REWARD: x) | logprobs (p(yes) of a yes/no answer)
     mode: Literal["text", "logprobs"] = "text"
-    prompt_template: str = "default"
+    # a template's name, or a template string holding both solution placeholders
+    prompt_template: Annotated[str, WithJsonSchema(TEMPLATE_SCHEMA)] = "default"
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     top_p: float = Field(0.8, gt=0.0, le=1.0)
     max_new_tokens: PositiveInt = 512

@@ -290,6 +290,18 @@ def test_tei_and_openai_clients_work_unchanged(embedding_server):
     assert [m.id for m in oai.models.list().data] == ["sentence-transformers/all-MiniLM-L6-v2"]
     other_name = oai.embeddings.create(model="all-MiniLM-L6-v2", input=["A cat naps."]).data[0].embedding
     assert np.allclose(other_name, served[0], atol=1e-5)
+    # Token-id inputs (OpenAI's and TEI's): the ids of the text embed as the text does.
+    from transformers import AutoTokenizer
+
+    from core.models.loading import MINILM_ID, resolve_path
+
+    ids = AutoTokenizer.from_pretrained(resolve_path(MINILM_ID))("A cat naps.", add_special_tokens=False)
+    by_ids = oai.embeddings.create(model="any", input=[ids["input_ids"]]).data[0].embedding
+    assert np.allclose(by_ids, served[0], atol=1e-5)
+    tei_ids = httpx.post(f"{embedding_server.url}/embed", json={"inputs": ids["input_ids"]}).json()
+    assert np.allclose(tei_ids[0], served[0], atol=1e-5)
+    outside = httpx.post(f"{embedding_server.url}/embed", json={"inputs": [10**8]})
+    assert outside.status_code == 400 and "outside the model's vocabulary" in outside.json()["error"]
 
 
 def test_abandoned_requests_free_the_embedding_server(embedding_server):

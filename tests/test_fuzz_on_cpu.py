@@ -28,12 +28,12 @@ from schemathesis.specs.openapi.checks import (
 from conftest import ROOT, ThreadServer
 from core.serving.runner import build_service
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "6"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "12"))
 TINY_LM = ["model=tiny_lm"]
 SERVICES = {
     "embedding": ["service=embedding"],
     # A small batch budget: fuzzed n × max_tokens past it must be refused, not decoded.
-    "llm_judge": ["service=llm_judge", *TINY_LM, "engine.max_batch_tokens=2048"],
+    "llm_judge": ["service=llm_judge", *TINY_LM, "engine.max_batch_tokens=1024", "app.default_max_tokens=16"],
     "infogain": [
         "service=infogain",
         *TINY_LM,

@@ -180,6 +180,12 @@ def test_speaker_service_returns_parsed_fields(tmp_path, shapes_root, games):
         assert len(many["results"]) == 3 and many["took"] > 0
         assert all(r["text"] and r["detailed"] is None for r in many["results"])  # a random model writes no tags
         assert httpx.post(f"{s.url}/describe", json={"image_path": "/etc/hosts"}).status_code == 403
+        inside = games[0]["candidates"][0]
+        for path, status in ((f"{inside}/../../../../etc/passwd", 403), ("a\x00b.png", 400), ("", 400)):
+            refused = httpx.post(f"{s.url}/describe", json={"image_path": path})
+            assert refused.status_code == status, (path, refused.text)
+        long_prompt = httpx.post(f"{s.url}/describe", json={"image_path": inside, "prompt": "x" * 5000})
+        assert long_prompt.status_code == 400 and "4000 characters" in long_prompt.json()["error"]
 
 
 def _predictions(run_dir) -> list[dict]:

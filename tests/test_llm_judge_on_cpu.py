@@ -360,3 +360,18 @@ def test_an_abandoned_request_stops_generating(judge_server):
         judge_server.metric('generation_requests_total{route="/v1/completions",status="499"}', headers)
         == gone_before + 1
     )
+
+
+def test_token_id_prompts_are_taken_as_given(judge_server, oai, tiny_model_cfg):
+    from core.models.loading import load_tokenizer
+
+    text = "The capital of France is"
+    prompt_ids = load_tokenizer(tiny_model_cfg)(text, add_special_tokens=False)["input_ids"]
+    greedy = {"model": "tiny-qwen2", "max_tokens": 6, "temperature": 0}
+    from_text = oai.completions.create(prompt=text, **greedy).choices[0].text
+    one = oai.completions.create(prompt=prompt_ids, **greedy)
+    many = oai.completions.create(prompt=[prompt_ids, prompt_ids], **greedy)
+    assert one.choices[0].text == from_text and [c.text for c in many.choices] == [from_text] * 2
+    assert one.usage.prompt_tokens == len(prompt_ids)
+    outside = httpx.post(f"{judge_server.url}/v1/completions", headers=AUTH, json={"prompt": [10**8], "max_tokens": 1})
+    assert outside.status_code == 400 and "outside the model's vocabulary" in error_message(outside.json())

@@ -2,7 +2,7 @@
 
 Routes, as Hugging Face Text Embeddings Inference answers them:
 
-* ``POST /embed`` (and ``POST /``, as TEI) ``{inputs: str | [str], normalize=true, truncate=false,
+* ``POST /embed`` (and ``POST /``, as TEI) ``{inputs: str | [str] | token ids, normalize=true, truncate=false,
   truncation_direction, dimensions}`` → ``[[float, ...], ...]``; ``normalize=false`` gives the
   pooled vectors as the model computes them
 * ``GET /v1/models`` → the one served model (any ``model`` name reaches it, as TEI)
@@ -41,7 +41,7 @@ class EmbedRequest(BaseModel):
     """TEI's ``/embed`` body."""
 
     model_config = ConfigDict(strict=True)
-    inputs: str | list[str]
+    inputs: str | list[str] | list[int] | list[list[int]]
     normalize: StrictBool = True
     truncate: StrictBool = False
     truncation_direction: Literal["Left", "Right", "left", "right"] = "Right"
@@ -53,7 +53,7 @@ class OpenAIEmbeddingRequest(BaseModel):
     """OpenAI's ``/v1/embeddings`` body."""
 
     model_config = ConfigDict(strict=True)
-    input: str | list[str]
+    input: str | list[str] | list[int] | list[list[int]]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: PositiveInt | None = None
@@ -144,7 +144,7 @@ def embedding_app(
     @app.post("/", responses=vectors)
     @app.post("/embed", responses=vectors)
     async def _embed(req: EmbedRequest):
-        texts = [req.inputs] if isinstance(req.inputs, str) else req.inputs
+        texts = engine.texts_of(req.inputs)
         vectors = await embed(
             texts, req.normalize, req.truncate, req.truncation_direction, req.dimensions, req.prompt_name
         )
@@ -168,7 +168,7 @@ def embedding_app(
     @app.post("/v1/embeddings", responses={200: {"model": EmbeddingList}})
     async def _openai_embeddings(req: OpenAIEmbeddingRequest):
         # The one served model answers whatever `model` names, as TEI does.
-        texts = [req.input] if isinstance(req.input, str) else req.input
+        texts = engine.texts_of(req.input)
         vectors = await embed(texts, True, True, "right", req.dimensions, None)
         data = []
         for i, vec in enumerate(vectors):

@@ -61,6 +61,21 @@ class EmbeddingEngine:
         self.forward_calls = 0
         self._lock = threading.Lock()
 
+    def texts_of(self, inputs: str | list[str] | list[int] | list[list[int]]) -> list[str]:
+        """The texts of a request's ``inputs``: a text, texts, or token ids (one input as a list of
+        ids, several as a list of such lists), which are decoded with the model's tokenizer."""
+        if isinstance(inputs, str):
+            return [inputs]
+        if inputs and isinstance(inputs[0], int):
+            inputs = [inputs]
+        if not inputs or isinstance(inputs[0], str):
+            return list(inputs)
+        vocab = len(self.tokenizer)
+        bad = [t for ids in inputs for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the model's vocabulary (0 to {vocab - 1})")
+        return self.tokenizer.batch_decode(inputs, skip_special_tokens=True)
+
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens per text, special tokens included (what the model's length limit counts)."""
         return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]]

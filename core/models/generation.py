@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 Message = Mapping[str, str]
+# A prompt: text, or the token ids of one (OpenAI's and vLLM's token-array prompts).
+Prompt = str | list[int]
 
 
 @dataclass(frozen=True)

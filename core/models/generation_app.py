@@ -6,7 +6,8 @@ Routes, as vLLM's OpenAI server answers them:
 * ``GET /v1/models``
 * ``POST /v1/chat/completions`` ``{messages, n, temperature, top_p, max_tokens, stop, seed,
   logprobs, top_logprobs, stream, stream_options, chat_template_kwargs: {enable_thinking}}``
-* ``POST /v1/completions`` ``{prompt: str | [str], logprobs: int, ...same sampling fields}``
+* ``POST /v1/completions`` ``{prompt: str | [str] | [int] | [[int]], logprobs: int, ...same sampling fields}``
+  (token-id prompts are used as given)
 * ``GET /health``, ``GET /metrics`` (shared kit)
 
 Concurrent requests with equal sampling parameters share one ``generate`` call. Log-probabilities
@@ -22,13 +23,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, Field, StrictBool, StrictInt, WithJsonSchema, field_validator
 
-from core.models.generation import Completion, SamplingParams, TokenLogprob, apply_stop
+from core.models.generation import Completion, Prompt, SamplingParams, TokenLogprob, apply_stop
 from core.models.generation_engine import GenerationEngine
 from core.serving.app import ServerSettings, add_batcher, check_batch_size, create_app
 from core.serving.errors import APIError
@@ -49,37 +50,15 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart]
 
 
-class Sampling(BaseModel):
-    """Sampling fields shared by both generation routes (strict: ``"5"`` is not a number here)."""
-
-    model_config = ConfigDict(strict=True)
-
-    model: str | None = None
-    n: int = Field(1, ge=1, le=64)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: PositiveInt | None = None
-    max_completion_tokens: PositiveInt | None = None
-    stop: str | list[str] | None = None
-    # torch seeds are 64-bit; larger values are refused (422), never an overflow inside the model call.
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stream: bool = False
-    stream_options: dict | None = None
-    # OpenAI fields this server does not implement: refused (400) unless left at their no-op value.
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    response_format: Any = None
-    logit_bias: Any = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    best_of: int | None = None
-    echo: bool | None = None
-    suffix: str | None = None
+def _not_text(value):
+    """Numbers and booleans come as JSON numbers and booleans: ``"5"`` is refused, not read as 5."""
+    if isinstance(value, (str, bytes)):
+        raise ValueError("must be a number, not a string")
+    return value
 
 
-# field -> its values that change nothing (any other value is refused)
+# OpenAI fields this server does not implement -> their values that change nothing; any other
+# value is refused with a 400 that names the field (the schema documents only these values).
 _NO_OP_VALUES = {
     "tools": (None, []),
     "tool_choice": (None, "none"),
@@ -87,12 +66,52 @@ _NO_OP_VALUES = {
     "function_call": (None, "none"),
     "response_format": (None, {"type": "text"}),
     "logit_bias": (None, {}),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
     "best_of": (None, 1),
     "echo": (None, False),
     "suffix": (None, ""),
 }
+
+
+# Fields read as numbers (in both routes' bodies).
+_NUMBERS = {"n", "temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "logprobs", "top_logprobs"}
+
+
+def _unsupported(field: str):
+    return Annotated[Any, WithJsonSchema({"enum": list(_NO_OP_VALUES[field])})]
+
+
+class Sampling(BaseModel):
+    """Sampling fields shared by both generation routes."""
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=64)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, gt=0)
+    max_completion_tokens: int | None = Field(None, gt=0)
+    stop: str | list[str] | None = None
+    # torch seeds are 64-bit; larger values are refused (422), never an overflow inside the model call.
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: StrictBool = False
+    stream_options: dict | None = None
+    tools: _unsupported("tools") = None
+    tool_choice: _unsupported("tool_choice") = None
+    functions: _unsupported("functions") = None
+    function_call: _unsupported("function_call") = None
+    response_format: _unsupported("response_format") = None
+    logit_bias: _unsupported("logit_bias") = None
+    presence_penalty: _unsupported("presence_penalty") = None
+    frequency_penalty: _unsupported("frequency_penalty") = None
+    best_of: _unsupported("best_of") = None
+    echo: _unsupported("echo") = None
+    suffix: _unsupported("suffix") = None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, value, info):
+        return _not_text(value) if info.field_name in _NUMBERS else value
 
 
 def refuse_unsupported(req: Sampling) -> None:
@@ -107,14 +126,27 @@ class ChatRequest(Sampling):
 
     messages: list[ChatMessage] = Field(min_length=1)
     chat_template_kwargs: dict | None = None
-    logprobs: bool = False
+    logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+PROMPT_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+        _IDS,
+        {"type": "array", "items": _IDS, "minItems": 1},
+    ]
+}
 
 
 class CompletionRequest(Sampling):
     """``/v1/completions`` body."""
 
-    prompt: str | list[str]
+    # text, texts, or token ids (one prompt as a list of ids, several as a list of such lists);
+    # an empty one is refused by the route, with its index
+    prompt: Annotated[str | list[str] | list[StrictInt] | list[list[StrictInt]], WithJsonSchema(PROMPT_SCHEMA)]
     logprobs: int | None = Field(None, ge=0, le=20)
 
 
@@ -174,8 +206,10 @@ class TextCompletion(_Completion):
 
 
 def _or_stream(model: type[BaseModel]) -> dict:
-    """The 200 answer of a generation route: the JSON body, or server-sent events with ``stream: true``."""
-    return {200: {"model": model, "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+    """The 200 answer of a generation route: the JSON body, or server-sent events with ``stream: true``
+    (each event's ``data`` a JSON chunk, the last one ``[DONE]``)."""
+    event = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
+    return {200: {"model": model, "content": {"text/event-stream": {"schema": {**event, "required": ["data"]}}}}}
 
 
 def _chat_logprobs(tokens: list[TokenLogprob]) -> dict:
@@ -277,7 +311,7 @@ def generation_app(
             top_logprobs=top_logprobs or 0,
         )
 
-    def check_prompts(prompts: list[str], params: SamplingParams) -> int:
+    def check_prompts(prompts: list[Prompt], params: SamplingParams) -> int:
         """The prompts' total token count; 400 for an empty prompt or one that does not fit the
         context with ``max_tokens`` (as vLLM answers: never a silently truncated prompt), or whose
         ``n`` rows would not fit one batch."""
@@ -288,6 +322,8 @@ def generation_app(
             if not prompt:
                 raise APIError(400, f"prompt {i} is empty")
             tokens = engine.count_tokens(prompt)
+            if tokens == 0:  # e.g. only characters the tokenizer drops
+                raise APIError(400, f"prompt {i} has no tokens for this model's tokenizer")
             if tokens + max_tokens > engine.max_model_len:
                 raise APIError(
                     400,
@@ -299,7 +335,7 @@ def generation_app(
             total += tokens
         return total
 
-    async def generate(prompts: list[str], params: SamplingParams, stop) -> tuple[list[list[Completion]], int]:
+    async def generate(prompts: list[Prompt], params: SamplingParams, stop) -> tuple[list[list[Completion]], int]:
         prompt_tokens = check_prompts(prompts, params)
         stops = [stop] if isinstance(stop, str) else stop
         groups = await batcher.submit(prompts, key=params)
@@ -358,7 +394,8 @@ def generation_app(
     @app.post("/v1/completions", responses=_or_stream(TextCompletion))
     async def _completions(req: CompletionRequest):
         params = sampling(req, 16, req.logprobs)  # 16: OpenAI's and vLLM's default for plain completions
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        one = isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int))
+        prompts = [req.prompt] if one else req.prompt
         return respond(req, "text_completion", await generate(prompts, params, req.stop), chat=False)
 
     app.state.batcher = batcher

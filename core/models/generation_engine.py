@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from core.models.generation import Completion, Message, SamplingParams, TokenLogprob, apply_stop
+from core.models.generation import Completion, Message, Prompt, SamplingParams, TokenLogprob, apply_stop
 from core.models.loading import (
     build_causal_lm,
     device_for,
@@ -60,6 +60,22 @@ class StopWhenAbandoned(StoppingCriteria):
         return torch.full((input_ids.shape[0],), abandoned(), dtype=torch.bool, device=input_ids.device)
 
 
+class StopOnStrings(StoppingCriteria):
+    """Ends a row once its generated text holds one of ``stops``. It decodes each row's last
+    tokens rather than matching token paths (transformers' ``stop_strings``), so any text works,
+    also one the vocabulary has no token for (a newline for a WordPiece tokenizer)."""
+
+    def __init__(self, tokenizer, stops: Sequence[str], prompt_len: int):
+        self.tokenizer, self.stops, self.prompt_len = tokenizer, [s for s in stops if s], prompt_len
+        # a stop string of n characters spans at most n tokens (+2 for partly decoded bytes)
+        self.tail = max((len(s) for s in self.stops), default=0) + 2
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        start = max(self.prompt_len, input_ids.shape[1] - self.tail)
+        texts = self.tokenizer.batch_decode(input_ids[:, start:].tolist(), skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+
+
 class GenerationEngine:
     """Owns a causal LM and its tokenizer; generates for many prompts in one padded batch.
 
@@ -83,6 +99,7 @@ class GenerationEngine:
         )
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
+        self.vocab_size = min(len(self.tokenizer), self.model.get_input_embeddings().num_embeddings)
         self.end_ids = end_token_ids(self.tokenizer, self.model.generation_config)
         self.generate_calls = 0
         self._lock = threading.Lock()
@@ -94,9 +111,25 @@ class GenerationEngine:
             [dict(m) for m in messages], tokenize=False, add_generation_prompt=True, **extra
         )
 
-    def count_tokens(self, text: str) -> int:
-        """Number of tokens in ``text`` (without special tokens)."""
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def token_ids(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+        """Each prompt's token ids: texts are tokenised (no special tokens added), ids are taken
+        as given (OpenAI's token-array prompts), after a check that the model has them."""
+        texts = [p for p in prompts if isinstance(p, str)]
+        encoded = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else ())
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                out.append(next(encoded))
+                continue
+            bad = [t for t in p if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"token ids {bad[:5]} are outside the model's vocabulary (0 to {self.vocab_size - 1})")
+            out.append(list(p))
+        return out
+
+    def count_tokens(self, prompt: Prompt) -> int:
+        """Number of tokens in a prompt (text without special tokens, or token ids)."""
+        return len(self.token_ids([prompt])[0])
 
     def rows_per_prompt(self, params: SamplingParams) -> int:
         """Sequences decoded per prompt (greedy decoding gives the same one ``n`` times: decoded once)."""
@@ -132,21 +165,20 @@ class GenerationEngine:
             out.extend(self._generate(list(prompts[start : start + step]), params, stop))
         return [[apply_stop(c, stop) for c in group] for group in out]
 
-    def _prompts_per_call(self, prompts: Sequence[str], params: SamplingParams) -> int:
-        longest = max(
-            (len(ids) for ids in self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]), default=0
-        )
+    def _prompts_per_call(self, prompts: Sequence[Prompt], params: SamplingParams) -> int:
+        longest = max((len(ids) for ids in self.token_ids(prompts)), default=0)
         per_prompt = self.rows_per_prompt(params) * min(self.max_model_len, longest + params.max_tokens)
         return max(1, min(self.max_batch_size, self.max_batch_tokens // max(1, per_prompt)))
 
     @torch.inference_mode()
     def _generate(
-        self, prompts: list[str], params: SamplingParams, stop: Sequence[str] | None
+        self, prompts: list[Prompt], params: SamplingParams, stop: Sequence[str] | None
     ) -> list[list[Completion]]:
         max_input = max(8, self.max_model_len - params.max_tokens)
-        enc = self.tokenizer(
-            prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_input, add_special_tokens=False
-        )
+        rows = self.token_ids(prompts)
+        # An over-long prompt is cut as the tokenizer would (servers refuse one before it gets here).
+        rows = [r[:max_input] if self.tokenizer.truncation_side == "right" else r[-max_input:] for r in rows]
+        enc = self.tokenizer.pad({"input_ids": rows}, return_tensors="pt")
         sampling = params.temperature > 0
         per_prompt = self.rows_per_prompt(params)
         enc = {k: v.repeat_interleave(per_prompt, dim=0).to(self.device) for k, v in enc.items()}
@@ -160,12 +192,12 @@ class GenerationEngine:
             "eos_token_id": self.end_ids,
             "stopping_criteria": StoppingCriteriaList([StopWhenAbandoned()]),
         }
+        if stop and any(stop):  # rows end at a stop string instead of running to max_tokens (cut after)
+            kwargs["stopping_criteria"].append(StopOnStrings(self.tokenizer, stop, enc["input_ids"].shape[1]))
         processors = [recorder] if recorder else []  # first: it records the model's raw distribution
         if sampling:
             processors.append(NucleusSampler(params.temperature, params.top_p))
         kwargs["logits_processor"] = LogitsProcessorList(processors)
-        if stop:  # rows end at a stop string instead of running to max_tokens (the text is cut after)
-            kwargs.update(stop_strings=[s for s in stop if s], tokenizer=self.tokenizer)
         with self._lock:
             if params.seed is not None:
                 torch.manual_seed(params.seed)

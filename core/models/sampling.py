@@ -53,7 +53,10 @@ def sample_nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> to
     (torch's global generator, so ``torch.manual_seed`` makes it reproducible)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
-    values, indices, kept = nucleus(logits / temperature, min(float(top_p), 1.0))
+    if top_p >= 1.0:  # no cut: the race runs over the whole vocabulary, with no top-k at all
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        return (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
+    values, indices, kept = nucleus(logits / temperature, float(top_p))
     race = torch.where(kept, values / torch.empty_like(values).exponential_(), torch.zeros_like(values))
     return indices.gather(1, race.argmax(dim=-1, keepdim=True)).squeeze(1)
 
