@@ -50,10 +50,10 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart]
 
 
-def _not_text(value):
-    """Numbers and booleans come as JSON numbers and booleans: ``"5"`` is refused, not read as 5."""
-    if isinstance(value, (str, bytes)):
-        raise ValueError("must be a number, not a string")
+def _json_number(value):
+    """Numbers come as JSON numbers: ``"5"`` or ``true`` is refused, not read as 5 or 1."""
+    if isinstance(value, (str, bytes, bool)):
+        raise ValueError(f"must be a number, not {type(value).__name__}")
     return value
 
 
@@ -111,7 +111,7 @@ class Sampling(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _numbers_are_numbers(cls, value, info):
-        return _not_text(value) if info.field_name in _NUMBERS else value
+        return _json_number(value) if info.field_name in _NUMBERS else value
 
 
 def refuse_unsupported(req: Sampling) -> None:
