@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import typing
 from pathlib import Path
 
@@ -28,12 +27,16 @@ def check_writable_dir(path: str | Path, key: str) -> Path:
     """Create ``path`` if needed and prove a file can be written in it (a full disk, a read-only
     mount or a file in the way fail here, at start, not at the first checkpoint)."""
     folder = Path(path)
+    probe = folder / f".write-check-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-") as probe:
-            probe.write(b"\0" * 4096)
-            probe.flush()
-            os.fsync(probe.fileno())
+        try:
+            with open(probe, "wb") as out:
+                out.write(b"\0" * 4096)
+                out.flush()
+                os.fsync(out.fileno())
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as exc:
         raise ConfigError(
             f"{key}={folder} cannot be written ({exc.strerror or exc}): choose a writable folder"

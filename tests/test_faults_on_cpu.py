@@ -3,8 +3,10 @@ requests are in flight, an output dir that cannot be written."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
+import subprocess
 import threading
 import time
 
@@ -139,3 +141,22 @@ def test_requests_past_the_graceful_time_get_503_not_a_dropped_connection(tmp_pa
         assert "Traceback" not in server.log.read_text()
     finally:
         server.stop()
+
+
+def test_a_full_disk_fails_the_run_at_start(tmp_path):
+    from conftest import run_in_process
+    from core.config_errors import ConfigError, config_error_in
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        with contextlib.suppress(OSError), open(disk / "filler", "wb") as filler:
+            filler.write(b"\0" * 128 * 1024)  # fills it: the write stops at No space left on device
+        with pytest.raises(Exception) as raised:  # noqa: PT011 - Hydra's instantiate may wrap it
+            run_in_process(disk / "run", "experiment=smoke", "logger=none")
+        error = config_error_in(raised.value)
+        assert isinstance(error, ConfigError) and "No space left on device" in str(error), raised.value
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
