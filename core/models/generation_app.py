@@ -74,8 +74,8 @@ _NO_OP_VALUES = {
 }
 
 
-# Fields read as numbers (in both routes' bodies).
-_NUMBERS = {"n", "temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "logprobs", "top_logprobs"}
+# Fields read as numbers (``logprobs`` is one in completions, a boolean in chat completions).
+_NUMBERS = {"n", "temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "top_logprobs"}
 
 
 def _unsupported(field: str):
@@ -148,6 +148,11 @@ class CompletionRequest(Sampling):
     # an empty one is refused by the route, with its index
     prompt: Annotated[str | list[str] | list[StrictInt] | list[list[StrictInt]], WithJsonSchema(PROMPT_SCHEMA)]
     logprobs: int | None = Field(None, ge=0, le=20)
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _logprobs_is_a_number(cls, value):
+        return _json_number(value)
 
 
 class Usage(BaseModel):
