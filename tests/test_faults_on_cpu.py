@@ -3,7 +3,9 @@ requests are in flight, an output dir that cannot be written."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import shutil
 import signal
 import subprocess
@@ -12,6 +14,7 @@ import time
 
 import httpx
 import pytest
+from PIL import Image
 
 from core.serving.local_server import LocalServer
 from ppo_server.clients import PolicyClient
@@ -66,6 +69,14 @@ def test_policy_server_killed_while_training_restarts_with_its_last_saved_adapte
         client.wait_for_training()
 
 
+def _red_square() -> str:
+    """A small image as a data URI (the Lewis services read images from requests this way)."""
+    out = io.BytesIO()
+    Image.new("RGB", (48, 48), "red").save(out, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+IMAGE = _red_square()
 SLOW_REQUESTS = {
     # service overrides, metric namespace, route, body, concurrent copies: seconds of work
     "llm_judge": (
@@ -89,6 +100,41 @@ SLOW_REQUESTS = {
         {"input_string": "Count:", "num_samples": 4, "max_output_length": 600, "stop_strings": []},
         1,
     ),
+    "value": (
+        ["service=value", "model=tiny_lm"],
+        "value",
+        "/forward",
+        {"messages": [[{"role": "user", "content": "many words here " * 100}]] * 64},
+        1,
+    ),
+    "infogain": (
+        [
+            "service=infogain",
+            "model=tiny_lm",
+            "model@ig.generator.model=tiny_lm",
+            "entailment@ig.entailment=exact",
+            "ig.num_generations=8",
+            "ig.max_new_tokens=64",
+        ],
+        "infogain",
+        "/compute_info_gain",
+        {"items": [{"question": "What is it?", "context": "It is red.", "answers": ["red"]}] * 4},
+        1,
+    ),
+    "listener": (
+        ["service=listener"],
+        "listener",
+        "/batch_score",
+        {"batch": [{"candidate_paths": [IMAGE] * 64, "question": "Is it red?"}] * 8},
+        1,
+    ),
+    "speaker": (
+        ["service=speaker", "engine.max_new_tokens=200", "engine.temperature=0"],
+        "speaker",
+        "/batch_describe",
+        {"batch": [{"image_path": IMAGE}] * 8},
+        1,
+    ),
 }
 
 
@@ -98,9 +144,11 @@ def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(tmp_path, s
     server = LocalServer(tmp_path, *overrides).start()
     try:
         answers: list[httpx.Response] = []
+        answered_at: list[float] = []
 
         def call():
             answers.append(httpx.post(f"{server.url}{route}", json=body, timeout=120))
+            answered_at.append(time.monotonic())
 
         threads = [threading.Thread(target=call) for _ in range(copies)]
         for thread in threads:
@@ -110,12 +158,14 @@ def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(tmp_path, s
             assert time.monotonic() < deadline and not answers, f"not in flight: {answers}"
             time.sleep(0.02)
         server.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
         time.sleep(0.3)
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{server.url}/health", timeout=5)
         for thread in threads:
             thread.join(120)
         assert [a.status_code for a in answers] == [200] * copies, answers[-1].text  # finished, not cut off
+        assert min(answered_at) > signalled  # they were still running when the signal came
         # uvicorn exits through the signal it caught once the shutdown is done
         assert server.proc.wait(30) in (0, -signal.SIGTERM)
         assert "Finished server process" in server.log.read_text()
