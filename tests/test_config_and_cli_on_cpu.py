@@ -411,6 +411,7 @@ def test_bad_settings_fail_at_start_naming_the_key(tmp_path, overrides, phrase):
     assert not (tmp_path / "metrics.jsonl").exists()  # refused before the first step
 
 
+@pytest.mark.slow
 def test_an_unwritable_run_dir_fails_at_start_with_status_2(tmp_path):
     in_the_way = tmp_path / "a-file"
     in_the_way.write_text("")

@@ -138,6 +138,7 @@ SLOW_REQUESTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("service", list(SLOW_REQUESTS))
 def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(tmp_path, service):
     overrides, namespace, route, body, copies = SLOW_REQUESTS[service]
@@ -173,6 +174,7 @@ def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(tmp_path, s
         server.stop()
 
 
+@pytest.mark.slow
 def test_requests_past_the_graceful_time_get_503_not_a_dropped_connection(tmp_path):
     server = LocalServer(tmp_path, "service=llm_judge", "model=tiny_lm", "server.graceful_timeout_s=0.5").start()
     try:

@@ -84,6 +84,7 @@ def fuzz(operation, mode: GenerationMode, url: str) -> None:
         # No input of this route can be invalid (no body; any string is a valid path value).
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SERVICES))
 def test_fuzzed_from_its_openapi(name, tmp_path):
     with ThreadServer(served_app(name, tmp_path)) as server:
