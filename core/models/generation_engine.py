@@ -155,27 +155,27 @@ class GenerationEngine:
         return self.complete([self.render_chat(c, enable_thinking) for c in conversations], params, stop)
 
     def complete(
-        self, prompts: Sequence[str], params: SamplingParams = SamplingParams(), stop: Sequence[str] | None = None
+        self, prompts: Sequence[Prompt], params: SamplingParams = SamplingParams(), stop: Sequence[str] | None = None
     ) -> list[list[Completion]]:
         """``params.n`` continuations for each prompt, cut at the first of ``stop``."""
         out: list[list[Completion]] = []
-        step = self._prompts_per_call(prompts, params)
-        for start in range(0, len(prompts), step):
+        rows = self.token_ids(prompts)  # once: they size the calls and are their input
+        step = self._prompts_per_call(rows, params)
+        for start in range(0, len(rows), step):
             check_abandoned("generation")
-            out.extend(self._generate(list(prompts[start : start + step]), params, stop))
+            out.extend(self._generate(rows[start : start + step], params, stop))
         return [[apply_stop(c, stop) for c in group] for group in out]
 
-    def _prompts_per_call(self, prompts: Sequence[Prompt], params: SamplingParams) -> int:
-        longest = max((len(ids) for ids in self.token_ids(prompts)), default=0)
+    def _prompts_per_call(self, rows: list[list[int]], params: SamplingParams) -> int:
+        longest = max((len(ids) for ids in rows), default=0)
         per_prompt = self.rows_per_prompt(params) * min(self.max_model_len, longest + params.max_tokens)
         return max(1, min(self.max_batch_size, self.max_batch_tokens // max(1, per_prompt)))
 
     @torch.inference_mode()
     def _generate(
-        self, prompts: list[Prompt], params: SamplingParams, stop: Sequence[str] | None
+        self, rows: list[list[int]], params: SamplingParams, stop: Sequence[str] | None
     ) -> list[list[Completion]]:
         max_input = max(8, self.max_model_len - params.max_tokens)
-        rows = self.token_ids(prompts)
         # An over-long prompt is cut as the tokenizer would (servers refuse one before it gets here).
         rows = [r[:max_input] if self.tokenizer.truncation_side == "right" else r[-max_input:] for r in rows]
         enc = self.tokenizer.pad({"input_ids": rows}, return_tensors="pt")
@@ -217,7 +217,7 @@ class GenerationEngine:
                 values = token_logprobs[row, :length].tolist()
                 completion.set_logprobs(self._token_logprobs(recorder, row, ids[:length], values))
             completions.append(completion)
-        groups = [completions[i * per_prompt : (i + 1) * per_prompt] for i in range(len(prompts))]
+        groups = [completions[i * per_prompt : (i + 1) * per_prompt] for i in range(len(rows))]
         return [group * (params.n // per_prompt) for group in groups]
 
     def _token_logprobs(self, recorder: LogprobRecorder, row: int, ids: list[int], values: list[float]):
