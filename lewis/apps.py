@@ -108,8 +108,9 @@ def listener_app(engine, settings: ServerSettings) -> FastAPI:
     # Checked in dependencies, which run before the route takes its place in the concurrency
     # gate: a bad request is answered at once, even while the model is busy.
     def one(req: ScoreRequest) -> list[dict]:
-        engine.validate([req.model_dump()])
-        return [req.model_dump()]
+        items = [req.model_dump()]
+        engine.validate(items)
+        return items
 
     def many(req: ScoreBatch) -> list[dict]:
         check_batch_size(len(req.batch), settings, "batch")
@@ -137,8 +138,9 @@ def speaker_app(engine, settings: ServerSettings) -> FastAPI:
     )
 
     def one(req: DescribeRequest) -> list[dict]:
-        engine.validate([req.model_dump()])
-        return [req.model_dump()]
+        items = [req.model_dump()]
+        engine.validate(items)
+        return items
 
     def many(req: DescribeBatch) -> list[dict]:
         check_batch_size(len(req.batch), settings, "batch")
