@@ -62,7 +62,7 @@ def judge_app(engine: GenerationEngine, settings: ServerSettings, **generation) 
     """The generation server over ``engine`` (``generation``: ``generation_app``'s batching and
     ``default_max_tokens``) with ``POST /judge`` added."""
     app = generation_app(engine, settings, title="llm_judge", **generation)
-    batcher, check_prompts = app.state.batcher, app.state.check_prompts
+    generate = app.state.generate
 
     @app.post("/judge", responses={200: {"model": JudgeResponse}})
     async def _judge(req: JudgeRequest):
@@ -76,8 +76,8 @@ def judge_app(engine: GenerationEngine, settings: ServerSettings, **generation) 
             )
             for it in req.items
         ]
-        check_prompts(prompts, params)
-        replies = [g[0] for g in await batcher.submit(prompts, key=params)]
+        groups, _tokens = await generate(prompts, params, None)
+        replies = [g[0] for g in groups]
         parsed = [judge_score(req.mode, r) for r in replies]
         return {
             "scores": [0.0 if p is None else p for p in parsed],

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from core.models.sampling import NucleusSampler, nucleus_mask, sample_nucleus
+from core.models.sampling import nucleus_mask, sample_nucleus
 
 
 def reference(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -45,15 +45,13 @@ def test_draws_follow_the_reference_distribution(top_p):
     assert chi2 < bound, (chi2, dof)
 
 
-def test_the_processor_hands_generate_one_token_per_row_and_seeds_reproduce_it():
+def test_a_generator_reproduces_its_draws_and_they_stay_in_the_nucleus():
     scores = torch.randn(4, 1000, generator=torch.Generator().manual_seed(3)) * 3
-    torch.manual_seed(5)
-    first = NucleusSampler(0.7, 0.8)(None, scores)
-    torch.manual_seed(5)
-    again = NucleusSampler(0.7, 0.8)(None, scores)
+    first = sample_nucleus(scores, 0.7, 0.8, torch.Generator().manual_seed(5))
+    torch.rand(100)  # the global generator moving does not matter
+    again = sample_nucleus(scores, 0.7, 0.8, torch.Generator().manual_seed(5))
     assert torch.equal(first, again)
-    assert (torch.isfinite(first).sum(dim=-1) == 1).all()
-    assert nucleus_mask(scores / 0.7, 0.8)[torch.arange(4), first.argmax(dim=-1)].all()
+    assert nucleus_mask(scores / 0.7, 0.8)[torch.arange(4), first].all()
 
 
 def test_nucleus_keeps_at_least_the_most_likely_token():

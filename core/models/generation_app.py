@@ -10,7 +10,10 @@ Routes, as vLLM's OpenAI server answers them:
   (token-id prompts are used as given)
 * ``GET /health``, ``GET /metrics`` (shared kit)
 
-Concurrent requests with equal sampling parameters share one ``generate`` call. Log-probabilities
+Requests are batched at the level of decode steps (``scheduling: iteration``,
+``generation_scheduler``): a new request joins the running batch at the next step and leaves it
+when its rows end. ``scheduling: batch`` merges concurrent requests with equal settings into one
+decode that runs until its last row ends (the whole-batch baseline). Log-probabilities
 come in vLLM's shapes (chat: ``logprobs.content[].top_logprobs``; completions: ``tokens``,
 ``token_logprobs``, ``top_logprobs``, ``text_offset``). ``stream: true`` answers as server-sent
 events once the completion is done (one content chunk per choice, then ``[DONE]``). Request
@@ -29,9 +32,10 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, StrictBool, StrictInt, WithJsonSchema, field_validator
 
-from core.models.generation import Completion, Prompt, SamplingParams, TokenLogprob, apply_stop
+from core.models.generation import Completion, Prompt, SamplingParams, TokenLogprob
 from core.models.generation_engine import GenerationEngine
-from core.serving.app import ServerSettings, add_batcher, check_batch_size, create_app
+from core.models.generation_scheduler import GenerationScheduler
+from core.serving.app import ServerSettings, add_batcher, batch_metrics, check_batch_size, create_app
 from core.serving.errors import APIError
 from core.serving.schemas import ModelList
 
@@ -285,17 +289,29 @@ def generation_app(
     max_wait_ms: float = 10.0,
     default_max_tokens: int = 512,
     title: str = "generation",
+    scheduling: Literal["iteration", "batch"] = "iteration",
 ) -> FastAPI:
-    """The OpenAI-compatible app serving ``engine``. ``app.state.batcher`` (prompts, params) and
-    ``app.state.check_prompts`` (prompts, params) let a caller add routes over the same model
-    calls (the judge's ``/judge``)."""
+    """The OpenAI-compatible app serving ``engine``. ``app.state.generate(prompts, params, stop)``
+    (``(completions per prompt, prompt tokens)``) lets a caller add routes over the same model
+    calls (the judge's ``/judge``). ``max_batch_size``: rows decoded together; ``max_wait_ms``:
+    how long the whole-batch mode waits for more requests to merge."""
     app = create_app(
         title,
         settings,
         metrics_namespace="generation",
         health=lambda: {"model": engine.name, "device": str(engine.device), "random_weights": engine.random_weights},
     )
-    batcher = add_batcher(app, lambda prompts, params: engine.complete(prompts, params), max_batch_size, max_wait_ms)
+    if scheduling == "iteration":
+        scheduler = GenerationScheduler(engine, max_batch_size, batch_metrics(app, max_batch_size))
+        app.state.shutdown_hooks.append(scheduler.close)
+        decode = scheduler.submit
+    elif scheduling == "batch":
+        batcher = add_batcher(app, lambda ids, key: engine.complete(ids, *key), max_batch_size, max_wait_ms)
+
+        async def decode(ids, params, stop):
+            return await batcher.submit(ids, key=(params, tuple(stop or ())))
+    else:
+        raise ValueError(f"scheduling must be 'iteration' or 'batch', not {scheduling!r}")
 
     def sampling(req: Sampling, default_tokens: int, top_logprobs: int | None) -> SamplingParams:
         refuse_unsupported(req)
@@ -316,17 +332,17 @@ def generation_app(
             top_logprobs=top_logprobs or 0,
         )
 
-    def check_prompts(prompts: list[Prompt], params: SamplingParams) -> int:
-        """The prompts' total token count; 400 for an empty prompt or one that does not fit the
-        context with ``max_tokens`` (as vLLM answers: never a silently truncated prompt), or whose
-        ``n`` rows would not fit one batch."""
+    def check_prompts(prompts: list[Prompt], params: SamplingParams) -> list[list[int]]:
+        """The prompts' token ids; 400 for an empty prompt or one that does not fit the context
+        with ``max_tokens`` (as vLLM answers: never a silently truncated prompt), or whose ``n``
+        rows would not fit one batch."""
         max_tokens = params.max_tokens
         check_batch_size(len(prompts), settings, "prompt")
-        total = 0
-        for i, prompt in enumerate(prompts):
-            if not prompt:
-                raise APIError(400, f"prompt {i} is empty")
-            tokens = engine.count_tokens(prompt)
+        if not all(prompts):
+            raise APIError(400, f"prompt {[bool(p) for p in prompts].index(False)} is empty")
+        ids = engine.token_ids(prompts)
+        for i, prompt in enumerate(ids):
+            tokens = len(prompt)
             if tokens == 0:  # e.g. only characters the tokenizer drops
                 raise APIError(400, f"prompt {i} has no tokens for this model's tokenizer")
             if tokens + max_tokens > engine.max_model_len:
@@ -337,14 +353,12 @@ def generation_app(
                     "completion). Please reduce the length of the prompt or max_tokens.",
                 )
             engine.check_budget(tokens, params)
-            total += tokens
-        return total
+        return ids
 
     async def generate(prompts: list[Prompt], params: SamplingParams, stop) -> tuple[list[list[Completion]], int]:
-        prompt_tokens = check_prompts(prompts, params)
+        ids = check_prompts(prompts, params)
         stops = [stop] if isinstance(stop, str) else stop
-        groups = await batcher.submit(prompts, key=params)
-        return [[apply_stop(c, stops) for c in group] for group in groups], prompt_tokens
+        return await decode(ids, params, stops), sum(len(p) for p in ids)
 
     def respond(req: Sampling, kind: str, generated: tuple[list[list[Completion]], int], chat: bool):
         body = response(kind, *generated, chat)
@@ -403,6 +417,5 @@ def generation_app(
         prompts = [req.prompt] if one else req.prompt
         return respond(req, "text_completion", await generate(prompts, params, req.stop), chat=False)
 
-    app.state.batcher = batcher
-    app.state.check_prompts = check_prompts
+    app.state.generate = generate
     return app

@@ -5,14 +5,13 @@ implementation sorts every row's whole vocabulary at every step (49k entries for
 then draws from a 49k-way distribution; the nucleus is almost always a few dozen tokens. Here
 ``nucleus`` takes the top ``k`` candidates (64 first, four times more while some row's nucleus is
 not inside them) and finds each row's cut there, keeping exactly the tokens a full sort keeps
-(ties at the cut aside), and ``NucleusSampler`` draws among them with an exponential race
+(ties at the cut aside), and ``sample_nucleus`` draws among them with an exponential race
 (``argmax p_i / E_i`` with ``E_i ~ Exp(1)`` picks token i with probability proportional to p_i).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import LogitsProcessor
 
 FIRST_K = 64
 
@@ -48,28 +47,18 @@ def nucleus_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(logits, dtype=torch.bool).scatter_(1, indices, kept)
 
 
-def sample_nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """One token id per row, drawn from ``softmax(logits / temperature)`` cut to its nucleus
-    (torch's global generator, so ``torch.manual_seed`` makes it reproducible)."""
+def sample_nucleus(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One token id per row, drawn from ``softmax(logits / temperature)`` cut to its nucleus,
+    with ``generator`` (torch's global one by default, so ``torch.manual_seed`` makes it reproducible)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
     if top_p >= 1.0:  # no cut: the race runs over the whole vocabulary, with no top-k at all
         probs = torch.softmax(logits.float() / temperature, dim=-1)
-        return (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
+        return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1)
     values, indices, kept = nucleus(logits / temperature, float(top_p))
-    race = torch.where(kept, values / torch.empty_like(values).exponential_(), torch.zeros_like(values))
+    race = torch.where(
+        kept, values / torch.empty_like(values).exponential_(generator=generator), torch.zeros_like(values)
+    )
     return indices.gather(1, race.argmax(dim=-1, keepdim=True)).squeeze(1)
-
-
-class NucleusSampler(LogitsProcessor):
-    """``generate``'s sampling step as a logits processor: it draws each row's next token itself
-    (``sample_nucleus``) and returns scores with all the mass on it, so ``generate`` runs greedy
-    (``do_sample=False``) and never sorts or draws over the vocabulary. Processors before it
-    (the log-probability recorder) see the model's raw scores."""
-
-    def __init__(self, temperature: float, top_p: float):
-        self.temperature, self.top_p = float(temperature), float(top_p)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        chosen = sample_nucleus(scores, self.temperature, self.top_p)
-        return torch.full_like(scores, float("-inf")).scatter_(1, chosen.unsqueeze(1), 0.0)

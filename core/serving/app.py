@@ -219,12 +219,10 @@ def create_app(
     return app
 
 
-def add_batcher(app: FastAPI, fn, max_batch_size: int, max_wait_ms: float) -> MicroBatcher:
-    """A micro-batcher for the app's model, counted in ``/metrics`` and stopped at shutdown.
-
-    Metrics (under the app's namespace): ``model_calls_total`` (one per merged batch),
-    ``model_items_total`` (items that reached the model) and the ``batch_items`` histogram.
-    """
+def batch_metrics(app: FastAPI, max_batch_size: int) -> Callable[[int], None]:
+    """``on_batch(n_items)``, counting the app's model calls in ``/metrics`` (under the app's
+    namespace): ``model_calls_total`` (one per merged batch), ``model_items_total`` (items that
+    reached the model) and the ``batch_items`` histogram."""
     metrics: ServiceMetrics = app.state.metrics
     calls = metrics.counter("model_calls", "model calls (one per merged batch)")
     items = metrics.counter("model_items", "items that went through the model")
@@ -236,7 +234,13 @@ def add_batcher(app: FastAPI, fn, max_batch_size: int, max_wait_ms: float) -> Mi
         items.inc(n)
         sizes.observe(n)
 
-    batcher = MicroBatcher(fn, max_batch_size, max_wait_ms, on_batch=on_batch)
+    return on_batch
+
+
+def add_batcher(app: FastAPI, fn, max_batch_size: int, max_wait_ms: float) -> MicroBatcher:
+    """A micro-batcher for the app's model, counted in ``/metrics`` (``batch_metrics``) and
+    stopped at shutdown."""
+    batcher = MicroBatcher(fn, max_batch_size, max_wait_ms, on_batch=batch_metrics(app, max_batch_size))
     app.state.shutdown_hooks.append(batcher.close)
     return batcher
 
