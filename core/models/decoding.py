@@ -137,7 +137,12 @@ class DecodeBatch:
             self.rows, self.cache, self.mask, self.pending = [], None, None, None
             return
         index = torch.tensor(list(indices), device=self.device)
-        self.rows = [self.rows[i].copy() for i in indices]
+        # a row kept twice (a beam that branches) is copied; the first keeps its identity
+        rows, seen = [], set()
+        for i in indices:
+            rows.append(self.rows[i].copy() if i in seen else self.rows[i])
+            seen.add(i)
+        self.rows = rows
         self.cache.batch_select_indices(index)
         self.mask = self.mask[index]
         if self.pending is not None:
@@ -151,8 +156,15 @@ class DecodeBatch:
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        # only the last position's logits: a prefill would otherwise project every prompt
+        # position onto the vocabulary (rows × prompt × 49k floats for SmolLM2)
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
         self.forward_calls += 1
         return out.logits[:, -1].float()

@@ -112,17 +112,18 @@ class GenerationScheduler:
                 ready = deque(self.loop.admit(self._waiting))
             if not ready and not self.loop.batch:
                 continue
+            joining = list(ready)
             try:
                 with self.engine.lock:
                     ended = self.loop.step(ready)
             except Exception as exc:  # noqa: BLE001 - handed to every request in the batch
                 log.exception("decode step failed")
-                self._fail({r.owner for r in self.loop.batch.rows} | {r.owner for r in ready}, exc)
+                self._fail({r.owner for r in self.loop.batch.rows + joining}, exc)
                 self.loop.batch.keep([])
                 continue
             self.steps += 1
-            if self.on_admit is not None and ready:
-                self.on_admit(len(ready))
+            if self.on_admit is not None and joining:
+                self.on_admit(len(joining))
             for row in ended:
                 self._row_ended(row)
         self._fail(

@@ -1,12 +1,13 @@
-"""Temperature and nucleus (top-p) sampling without sorting the vocabulary or drawing over it.
+"""Temperature and nucleus (top-p) sampling without sorting the vocabulary.
 
 Top-p keeps the smallest set of most likely tokens whose probability reaches ``top_p``. The usual
 implementation sorts every row's whole vocabulary at every step (49k entries for SmolLM2) and
-then draws from a 49k-way distribution; the nucleus is almost always a few dozen tokens. Here
-``nucleus`` takes the top ``k`` candidates (64 first, four times more while some row's nucleus is
-not inside them) and finds each row's cut there, keeping exactly the tokens a full sort keeps
-(ties at the cut aside), and ``sample_nucleus`` draws among them with an exponential race
-(``argmax p_i / E_i`` with ``E_i ~ Exp(1)`` picks token i with probability proportional to p_i).
+then draws from a 49k-way distribution; the nucleus of a trained model is almost always a few
+dozen tokens. Here ``nucleus`` takes the top ``k`` candidates (64 first, eight times more while
+some row's nucleus is not inside them; one sort of the vocabulary at once when the nucleus is
+far outside them, as for a flat distribution) and finds each row's cut there, keeping exactly
+the tokens a full sort keeps (ties at the cut aside). ``sample_nucleus`` draws among them by
+inverting the cumulative distribution with one uniform number per row.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ def nucleus(logits: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Ten
     vocab = probs.shape[-1]
     k = min(FIRST_K, vocab)
     while True:
-        values, indices = probs.topk(k, dim=-1)
+        values, indices = probs.topk(k, dim=-1) if k < vocab else probs.sort(dim=-1, descending=True)
         mass = values.double().cumsum(dim=-1)
         if k == vocab or bool((mass[:, -1:] >= target).all()):
             break
-        k = min(k * 4, vocab)
+        # a nucleus far outside the top k (a flat distribution) costs one sort, not many top-k's
+        k = vocab if bool((mass[:, -1:] < target / 4).any()) else min(k * 8, vocab)
     # a token is kept when the tokens before it do not reach top_p yet
     kept = (mass - values.double()) < target
     kept[:, 0] = True
@@ -47,6 +49,14 @@ def nucleus_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(logits, dtype=torch.bool).scatter_(1, indices, kept)
 
 
+def draw(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One column index per row, drawn with probability proportional to the row's non-negative
+    ``weights`` (the inverse of the cumulative distribution, one uniform number per row)."""
+    cdf = weights.double().cumsum(dim=-1)
+    u = torch.rand(weights.shape[0], 1, generator=generator, dtype=torch.float64, device=weights.device)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=weights.shape[-1] - 1).squeeze(1)
+
+
 def sample_nucleus(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -54,11 +64,8 @@ def sample_nucleus(
     with ``generator`` (torch's global one by default, so ``torch.manual_seed`` makes it reproducible)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
-    if top_p >= 1.0:  # no cut: the race runs over the whole vocabulary, with no top-k at all
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1)
+    if top_p >= 1.0:  # no cut: the whole vocabulary, with no top-k at all
+        return draw(torch.softmax(logits.float() / temperature, dim=-1), generator)
     values, indices, kept = nucleus(logits / temperature, float(top_p))
-    race = torch.where(
-        kept, values / torch.empty_like(values).exponential_(generator=generator), torch.zeros_like(values)
-    )
-    return indices.gather(1, race.argmax(dim=-1, keepdim=True)).squeeze(1)
+    chosen = draw(torch.where(kept, values, torch.zeros_like(values)), generator)
+    return indices.gather(1, chosen[:, None]).squeeze(1)
