@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import report  # noqa: E402
 from core.serving.local_server import LocalServer  # noqa: E402
 
-COMMON = ["model=tiny_lm", "ig.num_generations=10", "ig.max_new_tokens=16", "server.max_concurrency=16", "logger=none"]
+COMMON = ["ig.num_generations=10", "ig.max_new_tokens=16", "server.max_concurrency=16", "logger=none"]
 CAPITALS = {
     "France": "Paris",
     "Japan": "Tokyo",
@@ -96,12 +96,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--items", type=int, default=48)
+    parser.add_argument("--model", default="tiny_lm", help="the generator: a conf/model option (tiny_lm, smollm2-135m)")
     args = parser.parse_args()
     items = make_items(args.items)
+    served = ("service=infogain", f"model={args.model}", *COMMON)
     with (
         tempfile.TemporaryDirectory() as tmp,
-        LocalServer(tmp, "service=infogain", *COMMON) as batched,
-        LocalServer(tmp, "service=infogain", *COMMON, "app.max_batch_size=1") as single,
+        LocalServer(tmp, *served) as batched,
+        LocalServer(tmp, *served, "app.max_batch_size=1") as single,
     ):
         throughput(batched.url, items[:4], 4)  # warm-up
         throughput(single.url, items[:4], 4)
@@ -112,7 +114,7 @@ def main() -> None:
     naive = sum(b["details"][0]["entailment_pairs_naive"] for b in bodies)
     real_checked, real_naive = pairs_checked(items)
     report(
-        "InfoGain service: micro-batched (A) vs one item per compute (B), tiny models on CPU",
+        f"InfoGain service ({args.model} generator): micro-batched (A) vs one item per compute (B), CPU",
         [
             (
                 f"{args.clients} concurrent clients, {args.items} items, 10 samples x 2 conditions: items/s",

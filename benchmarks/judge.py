@@ -33,7 +33,7 @@ from core.serving.local_server import LocalServer  # noqa: E402
 
 def throughput(server: LocalServer, requests: int, params: SamplingParams) -> tuple[float, float]:
     """(requests/s, model calls) for ``requests`` concurrent judge-style chat requests."""
-    client = GenerationClient(server.url, concurrency=requests)
+    client = GenerationClient(server.url, timeout=600, concurrency=requests)
     conversations = [
         [{"role": "user", "content": f"Grade candidate {i} against the reference."}] for i in range(requests)
     ]

@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=32)
     parser.add_argument("--samples", type=int, default=2, help="sequences per task")
     parser.add_argument("--max-output-length", type=int, default=48)
+    parser.add_argument("--model", default="tiny_lm", help="a conf/model option: tiny_lm or smollm2-135m")
     args = parser.parse_args()
     fields = {
         "num_samples": args.samples,
@@ -68,7 +69,7 @@ def main() -> None:
         LocalServer(
             tmp,
             "service=policy",
-            "model=tiny_lm",
+            f"model={args.model}",
             f"policy.queue.num_samples={args.samples}",
             f"policy.queue.max_output_length={args.max_output_length}",
         ) as server,
@@ -85,7 +86,7 @@ def main() -> None:
     p50 = statistics.median(latencies) * 1000
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000
     report(
-        f"policy server, {args.tasks} tasks x {args.samples} samples, max_output_length {args.max_output_length}",
+        f"policy server ({args.model}), {args.tasks} tasks x {args.samples} samples, max_output_length {args.max_output_length}",
         [
             (
                 "tasks/s: queued+batched vs direct one by one",

@@ -19,6 +19,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -99,7 +100,8 @@ class RunLog(TrainerCallback):
         if not state.is_world_process_zero or not logs or "reward" not in logs:
             return
         names = list(self.recorder.mix.components)
-        row = {"step": state.global_step, "reward/total": logs["reward"]}
+        # wall-clock seconds since the epoch, so step times include everything between steps
+        row = {"step": state.global_step, "time": round(time.time(), 3), "reward/total": logs["reward"]}
         row.update({f"reward/{n}": logs.get(f"rewards/{n}/mean") for n in names})
         row.update(
             loss=logs.get("loss"),

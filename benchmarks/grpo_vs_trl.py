@@ -1,0 +1,163 @@
+"""GRPO step time of our recipe against a bare TRL ``GRPOTrainer`` + PEFT script, side by side:
+the quickstart (``python run.py``: SmolLM2-135M-Instruct, the bundled QA prompts, format +
+exact-match rewards, LoRA r 8 on every projection, 8 completions of 16 tokens per step) and the
+same model, prompts, reward logic, ``GRPOConfig`` and ``LoraConfig`` written the way a TRL user
+writes them (this file's ``--bare`` mode, run in its own process). Each variant's step time is
+the median wall time between steps, the first (warm-up) step left out; rounds alternate.
+
+    python benchmarks/grpo_vs_trl.py [--steps 8] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import report  # noqa: E402
+from core.serving.local_server import ROOT  # noqa: E402
+
+ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+
+
+def quickstart_config():
+    """The quickstart's composed config (model, dataset, trainer and LoRA settings)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=["logger=none"])
+
+
+def bare(out: Path, steps: int) -> None:
+    """A bare TRL + PEFT GRPO run on the quickstart's model, data and settings (step times to ``out``)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from core.models.loading import model_path
+
+    cfg = quickstart_config()
+    path = model_path(cfg.model)  # the packaged SmolLM2, converted once to a Hugging Face folder
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+    dataset = instantiate(cfg.dataset)
+
+    def text(completion) -> str:
+        return completion[0]["content"] if isinstance(completion, list) else completion
+
+    def format_reward(completions, **kwargs):
+        return [1.0 if ANSWER.search(text(c)) else 0.0 for c in completions]
+
+    def exact_match(completions, ground_truth, **kwargs):
+        def norm(s: str) -> str:
+            return " ".join(s.lower().strip().strip(".").split())
+
+        scores = []
+        for c, truths in zip(completions, ground_truth, strict=True):
+            found = ANSWER.findall(text(c))
+            answer = found[-1] if found else text(c)
+            scores.append(1.0 if norm(answer) in {norm(t) for t in truths} else 0.0)
+        return scores
+
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_args.update(max_steps=steps, save_strategy="no", disable_tqdm=True)
+    lora = cfg.lora
+    times: list[float] = []
+
+    class StepTimes(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "reward" in logs:
+                times.append(time.time())
+
+    trainer = GRPOTrainer(
+        model=model,
+        processing_class=tokenizer,
+        reward_funcs=[format_reward, exact_match],
+        args=GRPOConfig(
+            output_dir=str(out / "checkpoints"), seed=int(cfg.seed), report_to=[], use_cpu=True, **trainer_args
+        ),
+        train_dataset=dataset,
+        peft_config=LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
+        ),
+        callbacks=[StepTimes()],
+    )
+    trainer.train()
+    (out / "step_times.json").write_text(json.dumps(times))
+
+
+def ours(out: Path, steps: int) -> None:
+    """The quickstart through ``run.py`` (step times from its ``metrics.jsonl``)."""
+    command = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        "logger=none",
+        f"trainer.max_steps={steps}",
+        "trainer.save_strategy=no",
+        "trainer.disable_tqdm=true",
+        f"hydra.run.dir={out}",
+    ]
+    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def median_step(out: Path) -> float:
+    """Median seconds between logged steps, from the second step on (the first one warms up)."""
+    if (out / "step_times.json").exists():
+        times = json.loads((out / "step_times.json").read_text())
+    else:
+        times = [json.loads(line)["time"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(b - a for a, b in zip(times[1:-1], times[2:], strict=True))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--bare", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.bare:
+        bare(args.bare, args.steps)
+        return
+    cfg = quickstart_config()
+    per_step = int(cfg.trainer.per_device_train_batch_size) * int(cfg.trainer.gradient_accumulation_steps)
+    best = {"ours": float("inf"), "bare": float("inf")}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(args.rounds):  # alternate, so drifting machine load hits both alike
+            run_dir = Path(tmp) / f"ours{round_}"
+            ours(run_dir, args.steps)
+            best["ours"] = min(best["ours"], median_step(run_dir))
+            run_dir = Path(tmp) / f"bare{round_}"
+            run_dir.mkdir()
+            subprocess.run(
+                [sys.executable, __file__, "--bare", str(run_dir), "--steps", str(args.steps)],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            best["bare"] = min(best["bare"], median_step(run_dir))
+    what = f"SmolLM2-135M, {per_step} completions x {cfg.trainer.max_completion_length} tokens, LoRA r {cfg.lora.r}"
+    report(
+        "GRPO step time: our recipe (A) vs bare TRL GRPOTrainer + PEFT (B), CPU",
+        [
+            (
+                f"{what}: median step, best of {args.rounds} rounds",
+                f"{best['ours']:.2f}s",
+                f"{best['bare']:.2f}s",
+                f"{best['ours'] / best['bare']:.2f}x",
+            )
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
