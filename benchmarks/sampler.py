@@ -1,9 +1,9 @@
 """One sampling step (temperature, top-p, the draw), both variants side by side in this one
 process: transformers' (warpers that sort the whole vocabulary, then a draw over all of it, as
-``generate(do_sample=True)`` does) against ``core.models.sampling.NucleusSampler`` (top-k
-candidates widened only when a row's nucleus needs it, an exponential race among them, then
-``generate``'s greedy pick), on SmolLM2-sized rows (32 × 49,152): the logits of the real
-SmolLM2-135M-Instruct, and synthetic ones.
+``generate(do_sample=True)`` does) against ``core.models.sampling.sample_nucleus``, what the
+decode loop runs (top-k candidates widened only when a row's nucleus needs it, one sort for a
+flat row, the draw by inverting the cumulative distribution), on SmolLM2-sized rows
+(32 × 49,152): the logits of the real SmolLM2-135M-Instruct, and synthetic ones.
 
     python benchmarks/sampler.py [--rows 32] [--top-p 0.8] [--temperature 0.7]
 """
@@ -20,7 +20,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogit
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import best_time, report  # noqa: E402
-from core.models.sampling import NucleusSampler, nucleus_mask  # noqa: E402
+from core.models.sampling import nucleus_mask, sample_nucleus  # noqa: E402
 
 PROMPTS = [
     "The capital of France is",
@@ -57,7 +57,6 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.7)
     args = parser.parse_args()
     reference = LogitsProcessorList([TemperatureLogitsWarper(args.temperature), TopPLogitsWarper(args.top_p)])
-    ours = NucleusSampler(args.temperature, args.top_p)
     gen = torch.Generator().manual_seed(0)
     cases = {
         "SmolLM2 logits": smollm2_logits(args.rows),
@@ -71,7 +70,7 @@ def main() -> None:
             nucleus_mask(logits / args.temperature, args.top_p), torch.isfinite(reference(None, logits.clone()))
         )
         a = best_time(lambda logits=logits: torch.multinomial(torch.softmax(reference(None, logits), -1), 1), 20)
-        b = best_time(lambda logits=logits: ours(None, logits).argmax(dim=-1), 20)
+        b = best_time(lambda logits=logits: sample_nucleus(logits, args.temperature, args.top_p), 20)
         rows.append(
             (
                 f"{name}: {len(logits)} x {logits.shape[1]}, nucleus {kept:.0f} tokens/row, same tokens: {same}",
@@ -84,7 +83,7 @@ def main() -> None:
     flat = cases["synthetic, flat"]
     plain = LogitsProcessorList([TemperatureLogitsWarper(args.temperature)])
     a = best_time(lambda: torch.multinomial(torch.softmax(plain(None, flat.clone()), -1), 1), 20)
-    b = best_time(lambda: NucleusSampler(args.temperature, 1.0)(None, flat).argmax(dim=-1), 20)
+    b = best_time(lambda: sample_nucleus(flat, args.temperature, 1.0), 20)
     rows.append(
         (
             f"top-p 1.0 (no cut), flat: {len(flat)} x {flat.shape[1]}",
