@@ -86,7 +86,8 @@ def main() -> None:
     p50 = statistics.median(latencies) * 1000
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000
     report(
-        f"policy server ({args.model}), {args.tasks} tasks x {args.samples} samples, max_output_length {args.max_output_length}",
+        f"policy server ({args.model}), {args.tasks} tasks x {args.samples} samples, "
+        f"max_output_length {args.max_output_length}",
         [
             (
                 "tasks/s: queued+batched vs direct one by one",
