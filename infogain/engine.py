@@ -167,6 +167,7 @@ class InfoGainEngine:
             )
         ]
         samples = self.sample(prompts)
+        self._warm_entailment([items[i] for i in valid], samples)
         for k, i in enumerate(valid):
             try:
                 results[i] = self._measure(items[i], samples[2 * k], samples[2 * k + 1])
@@ -174,6 +175,19 @@ class InfoGainEngine:
                 log.exception("item %d failed", i)
                 results[i] = {"score": None, "error": f"{type(exc).__name__}: {exc}", "details": None}
         return results
+
+    def _warm_entailment(self, items: Sequence, samples: list) -> None:
+        """A scorer that embeds texts (``warm``) embeds every text of the batch in one call
+        before the items are measured one by one."""
+        warm = getattr(self.entailment, "warm", None)
+        if warm is None:
+            return
+        texts = []
+        for k, item in enumerate(items):
+            prefix = entailment_prefix(item)
+            texts += [prefix + c.text.strip() for c in samples[2 * k] + samples[2 * k + 1]]
+            texts += [prefix + a.strip() for a in item["answers"]]
+        warm(texts)
 
     def _condition(self, completions, answers: list[str], cache: PairCache) -> ConditionResult:
         texts = [c.text.strip() for c in completions]
@@ -189,7 +203,7 @@ class InfoGainEngine:
 
     def _measure(self, item: dict, base_samples, ctx_samples) -> dict:
         answers = [a.strip() for a in item["answers"]]
-        cache = PairCache(self.entailment, self.chunk_size, prefix=item["question"].strip() + " ")
+        cache = PairCache(self.entailment, self.chunk_size, prefix=entailment_prefix(item))
         base = self._condition(base_samples, answers, cache)
         ctx = self._condition(ctx_samples, answers, cache)
         n, a = len(base_samples), len(answers)
@@ -218,6 +232,12 @@ class InfoGainEngine:
             "entailment_pairs_naive": naive_pair_count(n, a),
         }
         return {"score": float(delta(base, ctx, self.metric)), "error": None, "details": details}
+
+
+def entailment_prefix(item: dict) -> str:
+    """What precedes both texts of an entailment pair: the question, so that short answers are
+    judged in context."""
+    return item["question"].strip() + " "
 
 
 def naive_pair_count(n_samples: int, n_answers: int) -> int:

@@ -13,6 +13,7 @@ chunks of ``chunk_size``, and ``checked`` counts the pairs that reached the mode
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -87,21 +88,42 @@ class NLIEntailment:
 
 
 class EmbeddingEntailment:
-    """P(x ⇒ y) = (cos(e(x), e(y)) + 1) / 2, the rest contradiction; symmetric by construction."""
+    """P(x ⇒ y) = (cos(e(x), e(y)) + 1) / 2, the rest contradiction; symmetric by construction.
 
-    def __init__(self, embedder: Embedder):
+    Each text is embedded once: clustering asks about one pair at a time, each text against
+    every cluster representative, so without the cache the same texts were embedded again for
+    every pair (the last ``cache_size`` texts' vectors are kept).
+    """
+
+    def __init__(self, embedder: Embedder, cache_size: int = 8192):
         self.embedder = embedder
+        self.cache_size = cache_size
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
 
     def probs(self, pairs: Sequence[Pair]) -> np.ndarray:
-        texts = list(dict.fromkeys(t for pair in pairs for t in pair))
-        if not texts:
-            return np.zeros((0, 3))
-        vectors = dict(zip(texts, self.embedder.embed(texts, normalize=True), strict=True))
+        vectors = self._vectors_of(list(dict.fromkeys(t for pair in pairs for t in pair)))
         out = np.zeros((len(pairs), 3))
         for i, (x, y) in enumerate(pairs):
             p = (float(np.dot(vectors[x], vectors[y])) + 1.0) / 2.0
             out[i, ENTAIL], out[i, CONTRADICT] = p, 1.0 - p
         return out
+
+    def warm(self, texts: Sequence[str]) -> None:
+        """Embed the texts not cached yet, all in one call (the engine passes a whole batch's)."""
+        self._vectors_of(list(dict.fromkeys(texts)))
+
+    def _vectors_of(self, texts: list[str]) -> dict[str, np.ndarray]:
+        with self._lock:
+            found = {t: self._vectors[t] for t in texts if t in self._vectors}
+        missing = [t for t in texts if t not in found]
+        if missing:
+            found.update(zip(missing, self.embedder.embed(missing, normalize=True), strict=True))
+            with self._lock:
+                self._vectors.update((t, found[t]) for t in missing)
+                while len(self._vectors) > self.cache_size:
+                    self._vectors.popitem(last=False)
+        return found
 
 
 class ExactEntailment:
@@ -127,7 +149,7 @@ class PairCache:
         missing = [p for p in dict.fromkeys(pairs) if p not in self.cache]
         for start in range(0, len(missing), self.chunk_size):
             part = missing[start : start + self.chunk_size]
-            # The question is prefixed to both texts, so short answers are judged in context.
+            # The question is prefixed to both texts (engine.entailment_prefix).
             scored = self.scorer.probs([(self.prefix + x, self.prefix + y) for x, y in part])
             self.cache.update(zip(part, scored, strict=True))
             self.checked += len(part)

@@ -156,3 +156,24 @@ def test_real_generator_fills_likelihoods_and_drives_the_engine(tiny_model_cfg):
     samples = results[0]["details"]["with_context"]["samples"]
     assert len(samples) == 3 and all(s["mean_loglik"] < 0 and s["length"] >= 1 for s in samples)
     assert generator.generate_calls == 1  # 2 items x 2 conditions = 4 prompts in one sub-batch
+
+
+def test_embedding_entailment_embeds_each_text_once_and_a_batch_in_one_call():
+    from core.models.embedding_engine import EmbeddingEngine
+    from core.models.loading import MINILM_ID
+    from infogain.entailment import EmbeddingEntailment
+
+    embedder = EmbeddingEngine({"name_or_path": MINILM_ID})
+    entailment = EmbeddingEntailment(embedder)
+    first = entailment.probs([("Paris", "paris, France"), ("Paris", "Lyon")])
+    calls = embedder.forward_calls
+    again = entailment.probs([("Lyon", "Paris"), ("paris, France", "Paris")])  # cached texts only
+    assert embedder.forward_calls == calls
+    assert np.allclose(again[[1, 0]], first)  # cosine is symmetric: same numbers, from the cache
+    cold = EmbeddingEntailment(EmbeddingEngine({"name_or_path": MINILM_ID}))
+    assert np.allclose(cold.probs([("Lyon", "Paris")]), again[:1], atol=1e-6)
+    # the engine embeds a whole batch's samples and answers in one call before measuring
+    engine = InfoGainEngine(ScriptedGenerator(["Paris", "Paris"], ["Lyon", "Marseille"]), entailment, num_generations=2)
+    before = embedder.forward_calls
+    engine.compute([ITEM, {**ITEM, "question": "Capital of France, again?"}])
+    assert embedder.forward_calls - before == 1

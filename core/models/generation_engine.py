@@ -26,7 +26,7 @@ class GenerationEngine:
     Args:
         model: a model config node (``conf/model/*.yaml``).
         gpus: 0 for the CPU, otherwise the model goes on ``cuda``.
-        max_batch_size: rows (prompts × samples) decoded together at most.
+        max_batch_size: prompts decoded together at most (each with its ``n`` samples).
         max_batch_tokens: token positions (rows × (prompt + new tokens)) the batch may hold, which
             bounds the KV cache: rows wait for room, and one prompt whose ``n`` rows alone exceed
             it is refused (``ValueError``) before any model work.
@@ -49,7 +49,6 @@ class GenerationEngine:
         self.generate_calls = 0
         # one model, one step at a time: ``complete`` and the server's scheduler share it
         self.lock = threading.Lock()
-        self._loop = self.decode_loop(max_batch_size)
 
     def decode_loop(self, max_rows: int) -> DecodeLoop:
         """A decode loop over this engine's model holding at most ``max_rows`` rows."""
@@ -110,8 +109,9 @@ class GenerationEngine:
     ) -> list[list[Completion]]:
         """``params.n`` continuations for each prompt, cut at the first of ``stop``."""
         rows = self.rows(self.token_ids(prompts), params, stop)
+        loop = self.decode_loop(self.max_batch_size * self.rows_per_prompt(params))
         with self.lock:
-            self._loop.run(rows)
+            loop.run(rows)
             self.generate_calls += 1
         return self.completions(rows, len(prompts), params, stop)
 
