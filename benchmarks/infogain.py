@@ -4,7 +4,8 @@ micro-batching (items of concurrent requests share generate calls) and without i
 (``app.max_batch_size=1``: one item per compute). Also, in-process: entailment pairs the
 engine checks (deduplicated, representatives only) against the naive all-pairs count, on
 samples repeating the way short answers of a real model do (a generator plug-in draws them),
-and on the served generator's own samples.
+and on the served generator's own samples; and the generator's decode-step cost per row and
+token at 1 to 320 rows, which bounds what merging items can gain on this machine.
 
     python benchmarks/infogain.py [--clients 16] [--items 48] [--model tiny_lm|smollm2-135m]
 """
@@ -81,6 +82,31 @@ def pairs_checked(items: list[dict]) -> tuple[int, int]:
     )
 
 
+def step_costs(model: str, rows_list=(1, 20, 80, 320), steps: int = 6) -> list[tuple[int, float]]:
+    """(rows, ms per row and token) of the generator's decode loop: where batching stops paying
+    on this machine (one InfoGain item is 10 samples x 2 conditions = 20 rows)."""
+    from collections import deque
+
+    from omegaconf import OmegaConf
+
+    from core.models.decoding import Row, RowSpec
+    from core.models.generation_engine import GenerationEngine
+    from core.serving.local_server import ROOT
+
+    engine = GenerationEngine(OmegaConf.to_container(OmegaConf.load(ROOT / f"conf/model/{model}.yaml"), resolve=True))
+    prompt = engine.token_ids([make_items(1)[0]["context"] + " Question: what is the capital? Answer:"])[0]
+    out = []
+    for rows in rows_list:
+        loop = engine.decode_loop(rows)
+        waiting = deque(Row(prompt, RowSpec(steps + 1, temperature=1.0)) for _ in range(rows))
+        loop.step(waiting)  # the prefill
+        started = time.perf_counter()
+        for _ in range(steps):
+            loop.step(waiting)
+        out.append((rows, (time.perf_counter() - started) / steps / rows * 1000))
+    return out
+
+
 def throughput(url: str, items: list[dict], clients: int) -> tuple[float, list[dict]]:
     """Items/s when ``clients`` threads post the items one per request."""
     with httpx.Client(timeout=600) as http:
@@ -113,6 +139,11 @@ def main() -> None:
     checked = sum(b["details"][0]["entailment_pairs_checked"] for b in bodies)
     naive = sum(b["details"][0]["entailment_pairs_naive"] for b in bodies)
     real_checked, real_naive = pairs_checked(items)
+    costs = step_costs(args.model)
+    report(
+        f"{args.model} decode step, ms per row and token, by rows in the batch",
+        [(f"{rows} rows", f"{ms:.1f} ms", "", f"{costs[0][1] / ms:.1f}x cheaper than 1 row") for rows, ms in costs],
+    )
     report(
         f"InfoGain service ({args.model} generator): micro-batched (A) vs one item per compute (B), CPU",
         [
