@@ -48,6 +48,8 @@ def test_greedy_rows_equal_generate_also_when_they_join_a_running_batch(engine):
     waiting.extend(rows[2:])  # two rows join after two steps: prefilled and padded into the cache
     loop.step(waiting)
     assert len(loop.batch) == 4
+    # no autograd graph behind the cache (it held every step's activations: gigabytes)
+    assert not loop.batch.cache.layers[0].keys.requires_grad
     while loop.batch or waiting:
         loop.step(waiting)
     for row, prompt, n in zip(rows, ids, budgets, strict=True):

@@ -273,6 +273,7 @@ class DecodeLoop:
         pad = tokenizer.pad_token_id
         self.batch = DecodeBatch(model, tokenizer.eos_token_id if pad is None else pad, safe_logits)
 
+    @torch.inference_mode()
     def run(self, rows: Sequence[Row], what: str = "generation") -> list[Row]:
         """Decode ``rows`` to the end; rows join the batch as places free up. Checks between
         steps whether the requester is gone (``core.serving.cancel``)."""
@@ -294,6 +295,7 @@ class DecodeLoop:
             used += need
         return joining
 
+    @torch.inference_mode()  # no autograd graph: it held every step's activations (gigabytes)
     def step(self, waiting: deque[Row]) -> list[Row]:
         """One token for every row of the batch, after admitting what fits from ``waiting``;
         returns the rows that ended in this step (they have left the batch)."""
@@ -311,6 +313,7 @@ class DecodeLoop:
         self.batch.keep([i for i, r in enumerate(rows) if not r.done])
         return [r for r in rows if r.done]
 
+    @torch.inference_mode()
     def drop(self, gone: Callable[[Row], bool]) -> list[Row]:
         """Remove the rows ``gone`` picks (their requester left); returns them."""
         dropped = [r for r in self.batch.rows if gone(r)]
@@ -333,6 +336,7 @@ class DecodeLoop:
         _, row.stop_found = cut_at_stop(text, row.spec.stop)
         return row.stop_found is not None
 
+    @torch.inference_mode()
     def beam_search(
         self, rows: Sequence[Row], groups: int, beams: int, diversity_penalty: float = 0.0
     ) -> list[list[tuple[Row, float]]]:
