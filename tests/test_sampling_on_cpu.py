@@ -25,17 +25,21 @@ def test_keeps_exactly_the_tokens_a_full_sort_keeps(temperature, top_p):
     assert torch.equal(ours, torch.isfinite(reference(scores, temperature, top_p)))
 
 
-@pytest.mark.parametrize("top_p", [0.9, 1.0])  # 1.0: no nucleus, the race over the whole vocabulary
-def test_draws_follow_the_reference_distribution(top_p):
+# 1.0: no nucleus, a draw over the whole vocabulary; 1,100 flat tokens: the draw goes block by
+# block (the last one short) and 0.999 cuts the nucleus by probability levels
+@pytest.mark.parametrize(
+    ("top_p", "vocab", "scale"), [(0.9, 200, 2.5), (1.0, 200, 2.5), (1.0, 1100, 0.5), (0.999, 1100, 0.5)]
+)
+def test_draws_follow_the_reference_distribution(top_p, vocab, scale):
     # 40,000 independent draws (one per row of identical rows) against the reference nucleus
     # probabilities: a chi-square goodness-of-fit test at the 0.1% level (a wrong cut, a wrong
-    # temperature or a biased race moves the statistic far past the bound).
+    # temperature or a biased draw moves the statistic far past the bound).
     gen = torch.Generator().manual_seed(1)
-    scores = torch.randn(1, 200, generator=gen) * 2.5
+    scores = torch.randn(1, vocab, generator=gen) * scale
     expected = torch.softmax(reference(scores, 0.8, top_p), dim=-1)[0]
     torch.manual_seed(2)
     draws = sample_nucleus(scores.expand(40_000, -1), 0.8, top_p)
-    counts = torch.bincount(draws, minlength=200).double()
+    counts = torch.bincount(draws, minlength=vocab).double()
     support = expected > 0
     assert counts[~support].sum() == 0  # nothing outside the nucleus, ever
     observed, wanted = counts[support], expected[support].double() * 40_000

@@ -120,7 +120,7 @@ class DecodeBatch:
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]
         if self.safe_logits:
             return clean_logits(logits)
-        if bool(torch.isnan(logits).any()):  # a sampler would pick from them silently
+        if bool(torch.isnan(logits.amax(dim=-1)).any()):  # (amax keeps a NaN) a sampler would pick from them silently
             raise RuntimeError("the model returned NaN logits (a diverging model?); safe_logits replaces them")
         return logits
 
@@ -219,7 +219,7 @@ def choose_tokens(rows: Sequence[Row], logits: torch.Tensor) -> torch.Tensor:
         groups.setdefault((r.spec.temperature, r.spec.top_p, id(r.generator)), []).append(i)
     for (temperature, top_p, _), members in groups.items():
         index = torch.tensor(members, device=logits.device)
-        part = logits[index]
+        part = logits if len(members) == len(rows) else logits[index]  # one group: no copy
         if temperature <= 0:
             tokens[index] = part.argmax(-1)
         else:
@@ -234,7 +234,7 @@ def record_logprobs(rows: Sequence[Row], logits: torch.Tensor, tokens: torch.Ten
     if not wanted:
         return
     index = torch.tensor(wanted, device=logits.device)
-    logp = torch.log_softmax(logits[index], dim=-1)
+    logp = torch.log_softmax(logits if len(wanted) == len(rows) else logits[index], dim=-1)
     chosen = logp.gather(1, tokens[index][:, None]).squeeze(1).tolist()
     top = max(rows[i].spec.top_logprobs for i in wanted)
     alternatives = logp.topk(top, dim=-1) if top else None

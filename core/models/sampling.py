@@ -104,10 +104,17 @@ def draw(weights: torch.Tensor, generator: torch.Generator | None = None) -> tor
     u = torch.rand(rows, 2, 1, generator=generator, dtype=torch.float64, device=weights.device)
     if columns <= 4 * BLOCK:
         return _invert(weights, u[:, 0])
-    padded = torch.nn.functional.pad(weights, (0, -columns % BLOCK)).view(rows, -1, BLOCK)
-    block = _invert(padded.sum(dim=-1), u[:, 0])
-    inside = _invert(padded[torch.arange(rows, device=weights.device), block], u[:, 1])
-    return block * BLOCK + inside
+    weights = weights.contiguous()
+    whole = columns // BLOCK
+    # the whole blocks' totals through a strided view (no copy of the rows), then the last, short one
+    blocks = weights.as_strided((rows, whole, BLOCK), (weights.stride(0), BLOCK, 1)).sum(dim=-1)
+    if columns % BLOCK:
+        blocks = torch.cat([blocks, weights[:, whole * BLOCK :].sum(dim=-1, keepdim=True)], dim=1)
+    block = _invert(blocks, u[:, 0])
+    # the chosen block's columns (past the last column: weight 0)
+    at = block[:, None] * BLOCK + torch.arange(BLOCK, device=weights.device)
+    inside = weights.gather(1, at.clamp(max=columns - 1)).masked_fill(at >= columns, 0.0)
+    return block * BLOCK + _invert(inside, u[:, 1])
 
 
 def sample_nucleus(
