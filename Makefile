@@ -18,7 +18,7 @@ fuzz:  ## a deeper fuzzing pass over every server (100 generated requests per ro
 	FUZZ_EXAMPLES=100 $(PY) -m pytest tests/test_fuzz_on_cpu.py
 
 bench:  ## every benchmark, each printing its ratios
-	$(PY) benchmarks/real_models.py && $(PY) benchmarks/embedding.py && $(PY) benchmarks/judge.py && $(PY) benchmarks/infogain.py && $(PY) benchmarks/training.py && $(PY) benchmarks/ppo_server.py && $(PY) benchmarks/lewis.py
+	$(PY) benchmarks/real_models.py && $(PY) benchmarks/embedding.py && $(PY) benchmarks/judge.py && $(PY) benchmarks/infogain.py && $(PY) benchmarks/training.py && $(PY) benchmarks/ppo_server.py && $(PY) benchmarks/lewis.py && $(PY) benchmarks/sampler.py && $(PY) benchmarks/grpo_vs_trl.py
 
 lint:  ## ruff lint and format check
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
