@@ -15,7 +15,7 @@ import torch
 from core.models.loading import device_for, has_random_weights
 from core.serving.cancel import check_abandoned
 from lewis.images import ImageStore
-from lewis.vlm import build_vlm, load_processor
+from lewis.vlm import ImagePatchCache, build_vlm, load_processor
 
 SPEAKER_PROMPT = (
     "Describe this image so that a listener can pick it out among similar images. Answer as "
@@ -40,6 +40,7 @@ class _VLMPlayer:
         self.device = device_for(gpus)
         self.random_weights = has_random_weights(model, type(self).__name__.removesuffix("Engine").lower())
         self.processor = load_processor(model)
+        self.processor.image_processor = ImagePatchCache(self.processor.image_processor)
         self.model = build_vlm(model, self.processor, self.device)
         self.images = ImageStore(image_roots)
         self.model_calls = 0

@@ -1,8 +1,8 @@
 """Images named in requests: a path under a configured image root, or inline as a base64 data URI.
 
 A server never opens a path outside its roots (403), whatever ``..`` or symlinks it contains.
-Decoded images are kept in a small LRU cache, since training asks about the same candidates
-again and again.
+Decoded images are kept in a small LRU cache (bounded in count and bytes), since training asks
+about the same candidates again and again.
 """
 
 from __future__ import annotations
@@ -42,28 +42,37 @@ def read_image(path: str | Path) -> Image.Image:
 
 
 class ImageStore:
-    """Opens images by path (only under ``roots``) or from data URIs, as RGB ``PIL`` images."""
+    """Opens images by path (only under ``roots``) or from data URIs, as RGB ``PIL`` images.
 
-    def __init__(self, roots: Sequence[str | Path] = (), cache_size: int = 1024):
+    Images are cached by the reference as sent (path or URI), up to ``cache_size`` images and
+    ``cache_bytes`` of pixels: a game names its candidates again and again, and resolving a path
+    under the roots costs more than the lookup. Only loads that passed the checks are cached.
+    """
+
+    def __init__(self, roots: Sequence[str | Path] = (), cache_size: int = 1024, cache_bytes: int = 512 << 20):
         self.roots = real_roots(roots)  # once: every image load checks against them
-        self._cache = LRUCache(cache_size)
+        # An entry weighs its pixels and its key (a data URI is as long as the file).
+        self.cache = LRUCache(cache_size, cache_bytes, lambda entry: entry[1])
 
     def load(self, ref: str) -> Image.Image:
         """The image ``ref`` names; 403 outside the roots, 400 if it is not a readable image."""
         if not isinstance(ref, str) or not ref:
             raise ValueError("an image must be a path or a data:image/...;base64 URI")
-        if ref.startswith(DATA_URI_PREFIX):
-            return self._decode(ref)
-        if not self.roots:
+        is_uri = ref.startswith(DATA_URI_PREFIX)
+        if not is_uri and not self.roots:
             raise PermissionError("image paths are disabled on this server (no image roots); send a data URI")
+        entry = self.cache.get(ref)
+        if entry is None:
+            image = self._decode(ref) if is_uri else self._read(ref)
+            entry = (image, image.width * image.height * 3 + len(ref))
+            self.cache.put(ref, entry)
+        return entry[0]
+
+    def _read(self, ref: str) -> Image.Image:
         path = resolve_under(ref, self.roots, "image path", "image", "; send it as a data URI instead")
-        cached = self._cache.get(str(path))
-        if cached is None:
-            if not is_file(path, "image path"):
-                raise ValueError(f"image {ref!r} not found")
-            cached = open_image(path.read_bytes(), ref)
-            self._cache.put(str(path), cached)
-        return cached
+        if not is_file(path, "image path"):
+            raise ValueError(f"image {ref!r} not found")
+        return open_image(path.read_bytes(), ref)
 
     def _decode(self, uri: str) -> Image.Image:
         try:

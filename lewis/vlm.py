@@ -18,6 +18,7 @@ from collections.abc import Mapping
 import torch
 
 from core.models.loading import load_kwargs, model_path, packaged_tokenizer
+from core.rewards.cache import LRUCache
 
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
@@ -30,6 +31,50 @@ VL_CHAT_TEMPLATE = (
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+class ImagePatchCache:
+    """A processor's image processor that resizes and patches each image once.
+
+    The game scores the same candidate images again and again (every game draws from one pool,
+    every epoch repeats it), and resizing them is a third of a listener call on a small model.
+    Images are known by identity: ``ImageStore`` hands out one ``PIL`` object per path, and each
+    entry holds its image so that no other object can take its ``id`` while it is cached.
+    Patches of several images concatenate, so a batch is the cached pieces joined.
+    """
+
+    def __init__(self, image_processor, cache_size: int = 1024, cache_bytes: int = 1 << 30):
+        self.inner = image_processor
+        # Bounded in bytes too: one image at Qwen2-VL's default 401,408 pixels is about 10 MB of patches.
+        self.cache = LRUCache(cache_size, cache_bytes, lambda entry: entry[1].nbytes)
+
+    def __getattr__(self, name: str):
+        if name == "inner":  # not set yet (copy and pickle build the object without __init__)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __call__(self, images, **kwargs):
+        from PIL import Image
+        from transformers import BatchFeature
+
+        flat = images if isinstance(images, list) else [images]
+        if not all(isinstance(image, Image.Image) for image in flat):
+            return self.inner(images, **kwargs)
+        options = repr(sorted((k, v) for k, v in kwargs.items() if k != "return_tensors"))
+        pieces = []
+        for image in flat:
+            key = (id(image), options)
+            entry = self.cache.get(key)
+            if entry is None:
+                out = self.inner([image], **{**kwargs, "return_tensors": "pt"})
+                entry = (image, out["pixel_values"], out["image_grid_thw"])
+                self.cache.put(key, entry)
+            pieces.append(entry[1:])
+        pixels, grids = zip(*pieces, strict=True)
+        return BatchFeature(
+            {"pixel_values": torch.cat(pixels), "image_grid_thw": torch.cat(grids)},
+            tensor_type=kwargs.get("return_tensors"),
+        )
 
 
 def _image_only_processor_class():

@@ -18,7 +18,7 @@ from core.serving.local_server import LocalServer, free_port
 from lewis.clients import ListenerClient
 from lewis.data import ATTRIBUTES, load_games, make_shapes
 from lewis.engines import ListenerEngine, parse_description
-from lewis.images import to_data_uri
+from lewis.images import ImageStore, read_image, to_data_uri
 from lewis.rewards import QUESTION, ListenerAccuracy, OneSentence, TagFormat
 
 
@@ -91,6 +91,36 @@ def test_yes_probabilities_come_from_the_models_yes_no_logits(tiny_vl_cfg, shape
     assert all(0.0 < p < 1.0 for p in probs) and result["predicted_index"] == max(range(4), key=probs.__getitem__)
     assert result["topk_indices"] == sorted(range(4), key=lambda i: -probs[i])[:2]
     assert engine.yes_id != engine.no_id
+
+
+def test_image_patches_are_computed_once_per_image(tiny_vl_cfg, shapes_root, games):
+    engine = ListenerEngine(tiny_vl_cfg, image_roots=[shapes_root], batch_size=4)
+    patches = engine.processor.image_processor
+    first, second = ([engine.images.load(p) for p in g["candidates"]] for g in games[:2])
+    patches(first[:2], return_tensors="pt")
+    mixed = first[1:] + second  # one image seen, six new
+    cached = patches(mixed, return_tensors="pt")
+    fresh = patches.inner(mixed, return_tensors="pt")
+    assert torch.equal(cached["pixel_values"], fresh["pixel_values"])
+    assert torch.equal(cached["image_grid_thw"], fresh["image_grid_thw"])
+    assert (patches.cache.misses, patches.cache.hits) == (2 + 6, 1)
+    # The same game scored again reads only cached patches and gives the same answer.
+    before = engine.score(games[0]["candidates"], question(games[0]))
+    misses = patches.cache.misses
+    assert engine.score(games[0]["candidates"], question(games[0])) == before and patches.cache.misses == misses
+
+
+def test_the_image_cache_stays_under_its_byte_bound(shapes_root, games):
+    paths = list(dict.fromkeys(p for g in games[:3] for p in g["candidates"]))
+    largest = max(read_image(p).width * read_image(p).height * 3 + len(p) for p in paths)
+    store = ImageStore([shapes_root], cache_bytes=3 * largest)
+    for path in paths:
+        store.load(path)
+    assert 1 <= len(store.cache) <= 3 < len(paths) and store.cache.bytes <= 3 * largest
+    misses = store.cache.misses
+    assert store.load(paths[-1]) is store.load(paths[-1]) and store.cache.misses == misses
+    store.load(paths[0])  # evicted long ago: read again
+    assert store.cache.misses == misses + 1
 
 
 def test_batch_score_equals_a_loop_of_score(listener, games):
