@@ -188,14 +188,16 @@ def grpo_args(cfg, run_dir: Path, layout: Layout, weights: list[float], deepspee
     """TRL's ``GRPOConfig``: the ``trainer:`` node (GRPOConfig's own names) plus what the run decides."""
     from trl import GRPOConfig
 
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer.get("bf16") is None:
+        trainer["bf16"] = layout.mixed_precision == "bf16"
     return GRPOConfig(
         output_dir=str(run_dir / "checkpoints"),
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        **trainer,
         reward_weights=weights,
         seed=int(cfg.seed),
         report_to=[],
         use_cpu=layout.device == "cpu",
-        bf16=layout.mixed_precision == "bf16",
         deepspeed=str(deepspeed_file) if deepspeed_file else None,
     )
 

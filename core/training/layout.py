@@ -1,6 +1,7 @@
 """The one place where ``gpus`` (and ``deepspeed``) become a device layout for training.
 
-``gpus=0``: one CPU process. ``gpus=1``: one CUDA process in bf16. ``gpus=N>1``: N processes
+``gpus=0``: one CPU process, in bf16 autocast where the CPU computes bf16 natively (as TRL's
+default ``bf16=True`` does), else fp32. ``gpus=1``: one CUDA process in bf16. ``gpus=N>1``: N processes
 launched by ``accelerate launch`` (data parallel), with DeepSpeed when a ``deepspeed=`` option
 gives a config. The accelerate config file and the DeepSpeed JSON are written to the run dir.
 """
@@ -37,6 +38,15 @@ class Layout:
         return "MULTI_GPU" if self.num_processes > 1 else "NO"
 
 
+def cpu_mixed_precision() -> str:
+    """``bf16`` where oneDNN runs bf16 on this CPU (AVX-512 or AMX), else ``no``: there TRL's default
+    bf16 autocast makes the training forward and backward faster (a SmolLM2 GRPO step 1.1-1.2x);
+    elsewhere it would emulate bf16 and be slower than fp32."""
+    import torch
+
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+
+
 def layout_for(gpus: int, deepspeed: Mapping | None = None) -> Layout:
     """The layout for ``gpus`` GPUs (0 = CPU), with an optional DeepSpeed config."""
     if gpus < 0:
@@ -44,7 +54,7 @@ def layout_for(gpus: int, deepspeed: Mapping | None = None) -> Layout:
     if gpus == 0 and deepspeed:
         raise ConfigError("DeepSpeed needs GPUs: use deepspeed=none with gpus=0")
     if gpus == 0:
-        return Layout(0, 1, "cpu", "no", None)
+        return Layout(0, 1, "cpu", cpu_mixed_precision(), None)
     return Layout(gpus, gpus, "cuda", "bf16", dict(deepspeed) if deepspeed else None)
 
 
