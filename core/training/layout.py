@@ -39,12 +39,18 @@ class Layout:
 
 
 def cpu_mixed_precision() -> str:
-    """``bf16`` where oneDNN runs bf16 on this CPU (AVX-512 or AMX), else ``no``: there TRL's default
-    bf16 autocast makes the training forward and backward faster (a SmolLM2 GRPO step 1.1-1.2x);
-    elsewhere it would emulate bf16 and be slower than fp32."""
+    """``bf16`` where the CPU computes bf16 natively (AVX-512 BF16 or AMX, and oneDNN uses it),
+    else ``no``: there TRL's default bf16 autocast makes the training forward and backward faster
+    (a SmolLM2 GRPO step 1.1-1.2x); elsewhere bf16 is emulated and slower than fp32."""
     import torch
 
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "no"
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:  # not Linux: no way to tell native from emulated, and fp32 is never slow
+        return "no"
+    return "bf16" if flags & {"avx512_bf16", "amx_bf16"} else "no"
 
 
 def layout_for(gpus: int, deepspeed: Mapping | None = None) -> Layout:
