@@ -10,6 +10,7 @@ on first need), ``zero`` scores 0.0 with the reason in ``error``, ``raise`` rais
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from core.serving.errors import ServiceError
 from core.serving.http import HTTPClient, chunks
@@ -22,7 +23,7 @@ class InfoGainClient:
 
     def __init__(
         self,
-        url: str = "http://127.0.0.1:8000",
+        url: str | Sequence[str] = "http://127.0.0.1:8000",
         batch_size: int = 512,
         timeout: float = 120.0,
         api_key: str | None = None,

@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from core.serving.errors import ServiceError
-from core.serving.http import HTTPClient, chunks
+from core.serving.http import HTTPClient, chunks, server_urls
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ class ListenerClient:
 
     def __init__(
         self,
-        url: str | None = None,
+        url: str | Sequence[str] | None = None,
         host: str = "127.0.0.1",
         port: int = 9000,
         timeout: float = 60.0,
@@ -35,10 +35,11 @@ class ListenerClient:
         backoff_factor: float = 1.0,
         api_key: str | None = None,
     ):
-        url = (url or f"http://{host}:{port}").removesuffix("/").removesuffix("/batch_score")
+        # the Lewis reference scripts' LISTENER_URL names the route; any URL of a list may
+        urls = [u.removesuffix("/batch_score") for u in server_urls(url or f"http://{host}:{port}")]
         self.chunk_size, self.chunk_delay = max(1, int(chunk_size)), float(chunk_delay)
         self.http = HTTPClient(
-            url, api_key=api_key, timeout=float(timeout), max_retries=int(max_retries), backoff_s=float(backoff_factor)
+            urls, api_key=api_key, timeout=float(timeout), max_retries=int(max_retries), backoff_s=float(backoff_factor)
         )
         self.stats = {"requests": 0, "items": 0, "requests_failed": 0}
 
@@ -73,7 +74,9 @@ class ListenerClient:
 class SpeakerClient:
     """``batch_describe`` / ``describe`` over HTTP."""
 
-    def __init__(self, url: str = "http://127.0.0.1:9001", timeout: float = 300.0, api_key: str | None = None):
+    def __init__(
+        self, url: str | Sequence[str] = "http://127.0.0.1:9001", timeout: float = 300.0, api_key: str | None = None
+    ):
         self.http = HTTPClient(url, api_key=api_key, timeout=timeout)
 
     def batch_describe(self, batch: Sequence[Mapping]) -> dict:

@@ -13,13 +13,18 @@ class EmbeddingClient:
     """Same ``embed`` signature as ``EmbeddingEngine``, one ``POST /embed`` per chunk of texts.
 
     Args:
-        url: server base URL.
+        url: server base URL, or several replicas' (a list, or comma-separated): requests spread over them.
         batch_size: texts per request (TEI's default ``max_client_batch_size`` is 32).
         Other args configure the pooled ``HTTPClient``.
     """
 
     def __init__(
-        self, url: str, api_key: str | None = None, timeout: float = 30.0, max_retries: int = 3, batch_size: int = 32
+        self,
+        url: str | Sequence[str],
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        max_retries: int = 3,
+        batch_size: int = 32,
     ):
         self.http = HTTPClient(url, api_key=api_key, timeout=timeout, max_retries=max_retries)
         self.url = self.http.base_url

@@ -60,7 +60,8 @@ class GenerationClient:
     """OpenAI-compatible generation over HTTP.
 
     Args:
-        url: server base URL (``/v1/...`` is appended).
+        url: server base URL (``/v1/...`` is appended), or several replicas' (a list, or
+            comma-separated): requests spread over them.
         model_name: model to ask for; ``None`` uses the first model the server lists.
         concurrency: chat requests in flight at once.
         prompts_per_request: prompts per ``/v1/completions`` request.
@@ -69,7 +70,7 @@ class GenerationClient:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         api_key: str | None = None,
         timeout: float = 60.0,
         max_retries: int = 3,
