@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from core.rewards.base import RewardSample, count_failure, references
+from core.rewards.base import RewardSample, count_failure, mark_unscored, references
 from core.rewards.builtin import extract_answer, normalize_answer
 from infogain.protocols import InfoGainScorer
 
@@ -51,8 +51,10 @@ class QAExactMatchIG:
                 owners.append(i)
         if items:
             for i, result in zip(owners, self.scorer.compute(items), strict=True):
-                if result["score"] is None:
+                if result["score"] is None or result.get("error"):  # the client's zero fallback carries its error
                     count_failure(self.stats, "ig_errors")
+                    # the exact-match part stands: a fallback, not a placeholder
+                    mark_unscored([i], f"InfoGain failed: {result.get('error') or 'no score'}", fell_back=True)
                 else:
                     scores[i] += self.ig_weight * result["score"]
         self.stats["samples"] += len(samples)

@@ -31,7 +31,7 @@ import numpy as np
 
 from core.models.embedding_client import EmbeddingClient
 from core.models.protocols import Embedder
-from core.rewards.base import RewardSample, count_failure, references
+from core.rewards.base import RewardSample, count_failure, mark_unscored, references
 from core.rewards.cache import LRUCache
 from core.serving.errors import ServiceError
 from judges.references import filter_references
@@ -173,8 +173,14 @@ class EmbeddingSimilarityReward:
                     self.fallback,
                     len(idx),
                 )
+                lexical = []
                 for i in idx:
                     scores[i] = self._fallback_score(samples[i], refs[i])
+                    if self._fallback_kind(samples[i]) == "lexical" and refs[i]:
+                        lexical.append(i)
+                reason = f"embedding server failed: {exc}"
+                mark_unscored([i for i in idx if i not in set(lexical)], reason)
+                mark_unscored(lexical, reason, fell_back=True)
                 continue
             for i in idx:
                 scores[i] = self._score(samples[i], refs[i], vectors)
@@ -189,8 +195,11 @@ class EmbeddingSimilarityReward:
         threshold = float(sample.extra_info.get("length_threshold", self.length_threshold))
         return sims[best] * length_factor(refs[best], sample.completion, kind, threshold)
 
+    def _fallback_kind(self, sample: RewardSample) -> str:
+        return check_fallback(sample.extra_info.get("fallback", self.fallback))
+
     def _fallback_score(self, sample: RewardSample, refs: list[str]) -> float:
-        if check_fallback(sample.extra_info.get("fallback", self.fallback)) == "zero" or not refs:
+        if self._fallback_kind(sample) == "zero" or not refs:
             return 0.0
         return max(lexical_similarity(sample.completion, r) for r in refs)
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from core.models.generation_client import GenerationClient
 from core.models.protocols import TextGenerator
-from core.rewards.base import RewardSample, count_failure, references
+from core.rewards.base import RewardSample, count_failure, mark_unscored, references
 from core.serving.errors import ServiceError
 from core.serving.http import chunks
 from judges.prompts import judge_sampling, judge_score, render, resolve_template
@@ -111,16 +111,27 @@ class LLMJudgeReward:
             for ref in filter_references(references(s.ground_truth), s.extra_info):
                 groups[key].append((i, render(opts["prompt_template"], problem, ref, s.completion)))
         scores = [0.0] * len(samples)
+        # why each sample's pairs gave no score; a sample leaves once one of its pairs scores
+        unscored: dict[int, str] = {}
+        scored: set[int] = set()
         for (gid, temperature, top_p, max_tokens, thinking, batch_size), pairs in groups.items():
             params = judge_sampling(self.mode, temperature, top_p, max_tokens)
             for part in chunks(pairs, batch_size):
                 judged = self._judge(generators[gid], part, params, thinking)
-                for (i, _prompt), score in zip(part, judged, strict=True):
-                    scores[i] = max(scores[i], score)
+                for (i, _prompt), (score, why) in zip(part, judged, strict=True):
+                    if why is None:
+                        scored.add(i)
+                        scores[i] = max(scores[i], score)
+                    else:
+                        unscored[i] = why
+        for i, why in unscored.items():
+            if i not in scored:
+                mark_unscored([i], why)
         self.stats["samples"] += len(samples)
         return scores
 
-    def _judge(self, generator, part, params, thinking: bool) -> list[float]:
+    def _judge(self, generator, part, params, thinking: bool) -> list[tuple[float, str | None]]:
+        """Each pair's score, and why it has none (``None`` when it was scored)."""
         conversations = [[{"role": "user", "content": prompt}] for _, prompt in part]
         self.stats["judge_calls"] += len(conversations)
         try:
@@ -128,12 +139,13 @@ class LLMJudgeReward:
         except ServiceError as exc:
             count_failure(self.stats, "requests_failed")
             log.warning("LLM judge server failed (%s); scoring %d pairs 0.0", exc, len(part))
-            return [0.0] * len(part)
+            return [(0.0, f"judge server failed: {exc}")] * len(part)
         scores = []
         for reply in replies:
             score = judge_score(self.mode, reply[0])
             if score is None:
                 count_failure(self.stats, "parse_failures")
-                score = 0.0
-            scores.append(score)
+                scores.append((0.0, f"the judge's reply gave no score: {reply[0].text[:80]!r}"))
+            else:
+                scores.append((score, None))
         return scores

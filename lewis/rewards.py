@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from core.rewards.base import RewardSample, count_failure
+from core.rewards.base import RewardSample, count_failure, mark_unscored
 from core.rewards.cache import LRUCache
 from core.training.dist import all_gather_object_fallback, get_world_info
 from lewis.engines import parse_description
@@ -103,6 +103,8 @@ class ListenerAccuracy:
             target = int(s.extra_info["target_index"])
             ok = "error" not in result and result["predicted_index"] == target
             scores.append(1.0 if ok else 0.0)
+            if "error" in result:
+                mark_unscored([len(scores) - 1], f"listener failed: {result['error']}")
             records.append(
                 {
                     "description": key[0],

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import JUDGE_KEY, ROOT, free_port, run_cli
-from core.rewards.base import RewardMix
+from core.rewards.mix_engine import RewardMix
 
 CONF = ROOT / "conf"
 # entailment is a sub-group, composed inside ig/ options (reward/component is a folder of reward/).

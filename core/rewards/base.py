@@ -29,8 +29,18 @@ GROUND_TRUTH_KEYS = ("ground_truth", "solution", "answer", "answers")
 NESTED_GROUND_TRUTH_KEYS = ("target", *GROUND_TRUTH_KEYS)
 
 
-# The failure counts of the scoring call in progress on this thread (see ``failure_scope``).
-_FAILURES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("reward_failures", default=None)
+# The failures recorded by the scoring call in progress on this thread (see ``failure_scope``).
+_FAILURES: contextvars.ContextVar[Failures | None] = contextvars.ContextVar("reward_failures", default=None)
+
+
+@dataclass
+class Failures:
+    """What a scoring call could not do: ``counts`` by failure key, and ``samples``, the index of
+    each sample a reward could not score in that call, with the reason and whether the score it
+    returned for it is a fallback (lexical similarity, the exact-match part alone) rather than 0."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    samples: dict[int, tuple[str, bool]] = field(default_factory=dict)
 
 
 def count_failure(stats: dict, key: str, n: int = 1) -> None:
@@ -38,19 +48,35 @@ def count_failure(stats: dict, key: str, n: int = 1) -> None:
     stats[key] = stats.get(key, 0) + n
     scope = _FAILURES.get()
     if scope is not None:
-        scope[key] = scope.get(key, 0) + n
+        scope.counts[key] = scope.counts.get(key, 0) + n
+
+
+def mark_unscored(samples: Sequence[int], reason: str, fell_back: bool = False) -> None:
+    """Tell the enclosing ``failure_scope`` (the reward mix) that the samples at these indices of
+    the batch being scored could not be scored, why, and whether the score returned for them is a
+    fallback (``fell_back``) or a placeholder 0.0."""
+    scope = _FAILURES.get()
+    if scope is not None:
+        for i in samples:
+            scope.samples[i] = (reason, fell_back)
 
 
 @contextlib.contextmanager
-def failure_scope() -> Iterator[dict]:
-    """The failures counted (``count_failure``) by the scoring done inside this block, on this
-    thread only: concurrent calls from verl's thread pool each see their own."""
-    scope: dict = {}
+def failure_scope() -> Iterator[Failures]:
+    """The failures recorded (``count_failure``) by the scoring done inside this block, on this
+    thread only: concurrent calls from verl's thread pool each see their own. A scope opened
+    inside another adds its counts to the outer one when it closes (its sample indices refer to
+    its own batch, so they stay its own)."""
+    outer = _FAILURES.get()
+    scope = Failures()
     token = _FAILURES.set(scope)
     try:
         yield scope
     finally:
         _FAILURES.reset(token)
+        if outer is not None:
+            for key, n in scope.counts.items():
+                outer.counts[key] = outer.counts.get(key, 0) + n
 
 
 @dataclass
@@ -104,55 +130,6 @@ def references(ground_truth: Any) -> list[str]:
     return [str(ground_truth)]
 
 
-@dataclass
-class MixScores:
-    """Weighted total per sample, and each component's raw scores."""
-
-    total: list[float]
-    components: dict[str, list[float]]
-
-
-class RewardMix:
-    """A weighted sum of reward functions: ``total = Σ weight_i · fn_i(samples)``.
-
-    Args:
-        components: ``{name: {"fn": RewardFunction, "weight": float}}`` (the ``reward:`` config).
-    """
-
-    def __init__(self, components: Mapping[str, Mapping]):
-        if not components:
-            raise ValueError("a reward mix needs at least one component")
-        self.components = {name: (c["fn"], float(c.get("weight", 1.0))) for name, c in components.items()}
-
-    def score(self, samples: Sequence[RewardSample]) -> MixScores:
-        """Every component's scores and the weighted total."""
-        parts = {name: [float(s) for s in fn(samples)] for name, (fn, _w) in self.components.items()}
-        total = [sum(w * parts[name][i] for name, (_fn, w) in self.components.items()) for i in range(len(samples))]
-        return MixScores(total, parts)
-
-    def stats(self) -> dict[str, dict]:
-        """The counters of each component that keeps them."""
-        return {name: dict(getattr(fn, "stats", {})) for name, (fn, _w) in self.components.items()}
-
-    def failures(self) -> dict[str, dict[str, int]]:
-        """Each component's failure counters (its ``failure_keys``), for components that have any."""
-        out = {}
-        for name, (fn, _w) in self.components.items():
-            stats = getattr(fn, "stats", {})
-            keys = [k for k in getattr(fn, "failure_keys", ()) if k in stats]
-            if keys:
-                out[name] = {k: stats[k] for k in keys}
-        return out
-
-    def advice(self) -> list[str]:
-        """What the components advise for the failures they counted."""
-        out = []
-        for fn, _w in self.components.values():
-            stats = getattr(fn, "stats", {})
-            out.extend(text for key, text in getattr(fn, "failure_advice", {}).items() if stats.get(key))
-        return out
-
-
 def verl_entry(single: Callable[..., float], batched: Callable[..., list[float]], name: str) -> Callable:
     """One function with both of verl's calling forms: ``f(data_source, solution_str,
     ground_truth, extra_info=None, **kwargs)`` goes to ``single``, ``f(data_sources=...,
@@ -194,7 +171,7 @@ def verl_compute_score(reward: RewardFunction) -> Callable[..., float | list[flo
             score = float(reward([RewardSample(solution_str or "", ground_truth, "", info, data_source or "")])[0])
         if not return_dict:
             return score
-        return {"score": score, **{key: failed.get(key, 0) for key in failure_keys}}
+        return {"score": score, **{key: failed.counts.get(key, 0) for key in failure_keys}}
 
     return verl_entry(single, verl_batched(reward), f"{reward.name}_compute_score")
 
@@ -245,30 +222,34 @@ def as_text(item: Any) -> str:
     return str(item)
 
 
-def trl_reward_func(reward: RewardFunction, name: str | None = None) -> Callable[..., list[float]]:
-    """TRL's ``reward_func(prompts, completions, **kwargs)``; the ground truth comes from the
-    first dataset column named ``ground_truth``, ``solution``, ``answer`` or ``answers``, or from
-    verl's ``reward_model`` column (``{"ground_truth": ...}`` per row); ``extra_info`` (dicts) and
+def trl_samples(prompts=None, completions=None, **kwargs) -> list[RewardSample]:
+    """The samples of one call of a TRL reward function: the ground truth comes from the first
+    dataset column named ``ground_truth``, ``solution``, ``answer`` or ``answers``, or from verl's
+    ``reward_model`` column (``{"ground_truth": ...}`` per row); ``extra_info`` (dicts) and
     ``data_source`` columns are passed through."""
+    completions = list(completions or [])
+    n = len(completions)
+    key = next((k for k in GROUND_TRUTH_KEYS if kwargs.get(k) is not None), None)
+    if key:
+        truths = kwargs[key]
+    elif kwargs.get("reward_model") is not None:
+        truths = [(row or {}).get("ground_truth") for row in kwargs["reward_model"]]
+    else:
+        truths = [None] * n
+    infos = kwargs.get("extra_info") or [None] * n
+    sources = kwargs.get("data_source") or [""] * n
+    prompts = prompts or [""] * n
+    return [
+        RewardSample(as_text(c), truths[i], as_text(prompts[i]), dict(infos[i] or {}), str(sources[i] or ""))
+        for i, c in enumerate(completions)
+    ]
+
+
+def trl_reward_func(reward: RewardFunction, name: str | None = None) -> Callable[..., list[float]]:
+    """TRL's ``reward_func(prompts, completions, **kwargs)`` over one reward (samples as ``trl_samples`` reads them)."""
 
     def reward_func(prompts=None, completions=None, **kwargs) -> list[float]:
-        completions = list(completions or [])
-        n = len(completions)
-        key = next((k for k in GROUND_TRUTH_KEYS if kwargs.get(k) is not None), None)
-        if key:
-            truths = kwargs[key]
-        elif kwargs.get("reward_model") is not None:
-            truths = [(row or {}).get("ground_truth") for row in kwargs["reward_model"]]
-        else:
-            truths = [None] * n
-        infos = kwargs.get("extra_info") or [None] * n
-        sources = kwargs.get("data_source") or [""] * n
-        prompts = prompts or [""] * n
-        samples = [
-            RewardSample(as_text(c), truths[i], as_text(prompts[i]), dict(infos[i] or {}), str(sources[i] or ""))
-            for i, c in enumerate(completions)
-        ]
-        return [float(s) for s in reward(samples)]
+        return [float(s) for s in reward(trl_samples(prompts, completions, **kwargs))]
 
     reward_func.__name__ = name or reward.name  # TRL logs each reward under its function's name
     return reward_func

@@ -82,7 +82,7 @@ def run(cfg) -> dict:
         names = [*scores.components, "total"]
         scored = []
         for i, row in enumerate(rows):
-            values = {name: scores.components[name][i] for name in scores.components}
+            values = {name: scores.value(name, i) for name in scores.components}  # what entered the total
             scored.append({**row, **values, "total": scores.total[i]})
         with open(out_dir / "scores.jsonl", "w") as f:
             for row in scored:
@@ -112,7 +112,7 @@ def run(cfg) -> dict:
         for name, failures in summary["failures"].items():
             if any(failures.values()):
                 console.print(f"[yellow]{name}[/yellow]: " + ", ".join(f"{k}={v}" for k, v in failures.items()))
-        for text in mix.advice():
+        for text in getattr(mix, "advice", list)():  # a reward service's client has no advice of its own
             console.print(text)
         console.print(f"outputs in {out_dir}")
         return summary

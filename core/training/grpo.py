@@ -32,7 +32,8 @@ from transformers import ProgressCallback, TrainerCallback
 
 from core.config_errors import ConfigError, check_types, check_writable_dir
 from core.models.loading import build_causal_lm, check_gpus, device_for, load_tokenizer
-from core.rewards.base import RewardMix, as_text, trl_reward_func
+from core.rewards.base import as_text, trl_samples
+from core.rewards.protocols import RewardScorer
 from core.tasks import job_overrides
 from core.training.layout import Layout, launch_command, layout_for, needs_launcher, write_launch_files
 from core.training.tracking import open_tracker
@@ -42,29 +43,38 @@ log = logging.getLogger(__name__)
 
 
 class RewardRecorder:
-    """The mix's components as TRL reward functions that also keep the last batch they scored."""
+    """A reward mix (``RewardMix`` in this process, or ``RewardClient`` for a reward service) as
+    one TRL reward function per component, named after it, so TRL weighs and logs each one. The
+    first function TRL calls for a batch scores it with the whole mix once; the others read their
+    component from that. Under ``on_failure=skip`` a component that could not score a sample
+    returns ``None`` for it, which TRL leaves out of the sample's weighted sum. Keeps the last batch."""
 
-    def __init__(self, mix: RewardMix):
-        self.mix = mix
+    def __init__(self, scorer: RewardScorer):
+        self.mix = scorer
+        self.names = list(scorer.weights())
         self.last: dict = {}
+        self._scored = None  # the completions list of the batch in self.last
 
     def reward_funcs(self) -> list:
         """One TRL reward function per component, named after the component."""
-        funcs = []
-        for name, (fn, _weight) in self.mix.components.items():
-            funcs.append(self._recording(name, trl_reward_func(fn, name)))
-        return funcs
+        return [self._component(name) for name in self.names]
 
     def weights(self) -> list[float]:
         """The components' weights, in the order of ``reward_funcs``."""
-        return [weight for _fn, weight in self.mix.components.values()]
+        return list(self.mix.weights().values())
 
-    def _recording(self, name: str, func):
+    def _score_batch(self, prompts, completions, kwargs) -> None:
+        # TRL hands every reward function the same completions list for one batch
+        if self._scored is not completions:
+            scores = self.mix.score(trl_samples(prompts, completions, **kwargs))
+            self._scored = completions
+            self.last = {"prompts": prompts, "completions": completions}
+            self.last.update({n: [scores.value(n, i) for i in range(len(completions))] for n in self.names})
+
+    def _component(self, name: str):
         def reward_func(prompts=None, completions=None, **kwargs):
-            scores = func(prompts=prompts, completions=completions, **kwargs)
-            self.last.update(prompts=prompts, completions=completions)
-            self.last[name] = scores
-            return scores
+            self._score_batch(prompts, completions, kwargs)
+            return self.last[name]
 
         reward_func.__name__ = name
         return reward_func
@@ -99,7 +109,7 @@ class RunLog(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "reward" not in logs:
             return
-        names = list(self.recorder.mix.components)
+        names = self.recorder.names
         # wall-clock seconds since the epoch, so step times include everything between steps
         row = {"step": state.global_step, "time": round(time.time(), 3), "reward/total": logs["reward"]}
         row.update({f"reward/{n}": logs.get(f"rewards/{n}/mean") for n in names})
@@ -249,7 +259,7 @@ def run(cfg) -> dict:
 
 def train(cfg, build) -> dict:
     """The GRPO + LoRA recipe around any policy. ``build()`` returns (model, processing class,
-    train dataset, ``RewardMix``); it runs only in a process that trains (with ``gpus > 1``, after
+    train dataset, reward mix: a ``RewardScorer``); it runs only in a process that trains (with ``gpus > 1``, after
     the relaunch under accelerate, on every rank). The rest of ``cfg``: ``trainer``, ``lora``,
     ``resume``, ``checkpoints``, ``logger``, ``deepspeed``, ``gpus``, ``seed``."""
     # Hydra makes it for a CLI run, a caller from Python may not; either way a run that could not
@@ -297,7 +307,7 @@ def train(cfg, build) -> dict:
         tracker.finish()
 
 
-def _finish(cfg, run_dir: Path, rows: list[dict], mix: RewardMix) -> dict:
+def _finish(cfg, run_dir: Path, rows: list[dict], mix: RewardScorer) -> dict:
     if rows:
         plot_rewards(rows, run_dir / "reward_curve.png")
     if cfg.checkpoints.cleanup_at_end:  # as the Lewis reference scripts, keep only the final adapter
