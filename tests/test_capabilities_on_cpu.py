@@ -74,7 +74,17 @@ CAPABILITIES = {
         "value",
         "value",
     ),
+    "reward": (
+        "core.rewards.protocols.RewardScorer",
+        "core.rewards.mix_engine.RewardMix",
+        "core.rewards.reward_client.RewardClient",
+        "core.rewards.reward_app.reward_app",
+        "reward",
+        "reward",
+    ),
 }
+# The in-process option of a group, where it is not `local`: every reward= mix is the engine.
+LOCAL_OPTION = {"reward": "qa_format"}
 
 
 def composed(*overrides: str):
@@ -104,13 +114,13 @@ def accepts(implementation: inspect.Signature, declared: inspect.Signature) -> b
 @pytest.mark.parametrize("capability", CAPABILITIES)
 def test_one_rule_places_every_capability(capability):
     protocol, engine, client, app, group, service = CAPABILITIES[capability]
-    package = protocol.split(".")[0] if not protocol.startswith("core.") else "core.models"
-    assert protocol.startswith(f"{package}.protocols.")
+    package = protocol.rsplit(".protocols.", 1)[0]
+    assert package.count(".") == (1 if package.startswith("core.") else 0)  # a domain package, or one of core's
     assert engine.startswith(package) and "engine" in engine.rsplit(".", 2)[-2]
     assert client.startswith(package) and "client" in client.rsplit(".", 2)[-2]
     assert "app" in app.rsplit(".", 2)[-2]
     # the mode switch: <group>=local builds the engine, <group>=remote the client
-    assert composed(f"{group}=local")[group]._target_ == engine
+    assert composed(f"{group}={LOCAL_OPTION.get(capability, 'local')}")[group]._target_ == engine
     assert composed(f"{group}=remote")[group]._target_ == client
     # the service: the one runner, over this capability's app
     served = composed(f"service={service}")

@@ -45,6 +45,8 @@ SERVICES = {
     "speaker": ["service=speaker", "engine.max_new_tokens=4"],
     "policy": ["service=policy", *TINY_LM, "policy.queue.num_samples=1", "policy.queue.max_output_length=40"],
     "value": ["service=value", *TINY_LM],
+    # exact match + embedding (MiniLM) + the judge on the tiny model: fuzzed samples reach every component
+    "reward": ["service=reward", "reward=default", "model@judge_model=tiny_lm"],
 }
 # Deliberate 5xx in a service's contract: the policy server answers an unknown decoding strategy
 # with 501 Not Implemented, as the reference policy server does.

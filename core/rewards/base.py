@@ -166,9 +166,9 @@ def verl_compute_score(reward: RewardFunction) -> Callable[..., float | list[flo
     failure_keys = tuple(getattr(reward, "failure_keys", ()))
 
     def single(data_source, solution_str, ground_truth, extra_info=None, return_dict=False, **reward_kwargs):
-        info = {**reward_kwargs, **(extra_info or {})}
+        sample = verl_samples([data_source or ""], [solution_str or ""], [ground_truth], [extra_info], **reward_kwargs)
         with failure_scope() as failed:
-            score = float(reward([RewardSample(solution_str or "", ground_truth, "", info, data_source or "")])[0])
+            score = float(reward(sample)[0])
         if not return_dict:
             return score
         return {"score": score, **{key: failed.counts.get(key, 0) for key in failure_keys}}
@@ -188,22 +188,27 @@ def verl_async(compute_score: Callable[..., Any]) -> Callable[..., Any]:
     return compute_score_async
 
 
+def verl_samples(data_sources, solution_strs, ground_truths, extra_infos=None, **reward_kwargs) -> list[RewardSample]:
+    """The samples of one call of verl's batched form (``reward_kwargs`` as in ``verl_compute_score``)."""
+    n = len(solution_strs)
+    return [
+        RewardSample(
+            solution_strs[i],
+            ground_truths[i] if ground_truths is not None else None,
+            "",
+            {**reward_kwargs, **((extra_infos[i] if extra_infos is not None else None) or {})},
+            data_sources[i] if data_sources is not None else "",
+        )
+        for i in range(n)
+    ]
+
+
 def verl_batched(reward: RewardFunction) -> Callable[..., list[float]]:
     """verl's batched form: ``compute_score(data_sources, solution_strs, ground_truths, extra_infos=None,
     **reward_kwargs)`` (``reward_kwargs`` as in ``verl_compute_score``)."""
 
     def compute_score_batched(data_sources, solution_strs, ground_truths, extra_infos=None, **reward_kwargs):
-        n = len(solution_strs)
-        samples = [
-            RewardSample(
-                solution_strs[i],
-                ground_truths[i] if ground_truths is not None else None,
-                "",
-                {**reward_kwargs, **((extra_infos[i] if extra_infos is not None else None) or {})},
-                data_sources[i] if data_sources is not None else "",
-            )
-            for i in range(n)
-        ]
+        samples = verl_samples(data_sources, solution_strs, ground_truths, extra_infos, **reward_kwargs)
         return [float(s) for s in reward(samples)]
 
     compute_score_batched.__name__ = f"{reward.name}_compute_score_batched"

@@ -111,6 +111,8 @@ class RewardScorer(Protocol):
     component or server: failures come back in ``MixScores.failures``; bad input raises ``ValueError``.
     """
 
+    on_failure: str
+
     def score(self, samples: Sequence[RewardSample], on_failure: str | None = None) -> MixScores: ...
 
     def weights(self) -> dict[str, float]:

@@ -105,9 +105,9 @@ class ServiceMetrics:
         """A counter registered on this app's registry (e.g. items embedded, judge failures)."""
         return Counter(name, doc, list(labels), namespace=self.namespace, registry=self.registry)
 
-    def histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+    def histogram(self, name: str, doc: str, buckets: tuple[float, ...], labels: tuple[str, ...] = ()) -> Histogram:
         """A histogram registered on this app's registry (e.g. items per model call)."""
-        return Histogram(name, doc, namespace=self.namespace, registry=self.registry, buckets=buckets)
+        return Histogram(name, doc, list(labels), namespace=self.namespace, registry=self.registry, buckets=buckets)
 
 
 def _validation_message(errors: list[dict]) -> tuple[int, str]:
