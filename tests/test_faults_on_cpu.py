@@ -212,3 +212,47 @@ def test_a_full_disk_fails_the_run_at_start(tmp_path):
         assert isinstance(error, ConfigError) and "No space left on device" in str(error), raised.value
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.mark.slow
+def test_a_replica_killed_under_load_loses_no_request_and_gets_traffic_again_once_restarted(tmp_path):
+    from core.models.embedding_client import EmbeddingClient
+
+    served = 'embedding_requests_total{route="/embed",status="200"}'
+    first, second = LocalServer(tmp_path, "service=embedding"), LocalServer(tmp_path, "service=embedding")
+    with first, second:
+        client = EmbeddingClient(f"{first.url},{second.url}", timeout=10)  # as EMBEDDING_SERVER_URL lists replicas
+        done, failures, stop = [], [], threading.Event()
+
+        def load():
+            while not stop.is_set():
+                try:
+                    done.append(client.embed([f"sample {len(done)}", "Paris is the capital of France."]).shape[0])
+                except Exception as exc:  # noqa: BLE001 - counted: the test asserts there are none
+                    failures.append(exc)
+
+        workers = [threading.Thread(target=load) for _ in range(4)]
+        for w in workers:
+            w.start()
+        time.sleep(2)
+        assert first.metric(served) > 0 and second.metric(served) > 0  # both replicas take requests
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait()
+        before = len(done)
+        time.sleep(3)
+        assert len(done) > before  # the survivor carries the load
+        restarted = LocalServer(tmp_path, "service=embedding", port=first.port).start()
+        try:
+            back = time.monotonic()
+            while restarted.metric(served) == 0 and time.monotonic() - back < 10:
+                time.sleep(0.2)
+            waited = time.monotonic() - back
+            stop.set()
+            for w in workers:
+                w.join(timeout=30)
+            assert restarted.metric(served) > 0, "the restarted replica got no traffic"
+            assert waited < 5 + 1.5  # within the circuit's cool-down (5 s) and a probe
+        finally:
+            restarted.stop()
+    assert not failures, failures[:3]
+    assert set(done) == {2}

@@ -43,8 +43,9 @@ def reward_service(*overrides: str) -> ThreadServer:
 def full_mix_server(tmp_path_factory):
     """``service=reward reward=default``: exact match + embedding (MiniLM) + LLM judge (SmolLM2,
     logprobs mode), all in the service's process."""
-    with LocalServer(tmp_path_factory.mktemp("reward"), "service=reward", "reward=default").start(timeout=300) as s:
-        yield s
+    server = LocalServer(tmp_path_factory.mktemp("reward"), "service=reward", "reward=default").start(timeout=300)
+    yield server
+    server.stop()
 
 
 @pytest.mark.slow

@@ -211,7 +211,8 @@ class HTTPClient:
             server.failures_in_row += 1
             if self._is_open(server):
                 server.open_until = time.monotonic() + self.breaker_cooldown_s
-                log.warning(
+                # said once as the circuit opens, not once per request that was in flight then
+                (log.warning if server.failures_in_row == self.breaker_after else log.debug)(
                     "%s failed %d request(s) in a row: no requests for %.0fs",
                     server.url,
                     server.failures_in_row,

@@ -61,7 +61,10 @@ class LocalServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120.0) -> LocalServer:
-        """Launch and wait for ``GET /health`` to answer 200; raise with the log tail if it does not."""
+        """Launch and wait for ``GET /health`` to answer 200; raise with the log tail if it does not.
+        A server already running is left as it is (``with LocalServer(...).start(timeout=...)``)."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT)
