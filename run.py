@@ -10,7 +10,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from core.config_errors import config_error_in
+from core.config_errors import JobFailed, config_error_in
 from core.tasks import run_task
 
 
@@ -22,9 +22,10 @@ def main(cfg: DictConfig):
         cause = config_error_in(exc)
         if cause is None:
             raise
-        # A setting that cannot work: its message says which and why; a traceback would bury it.
+        # A setting that cannot work, or a job that failed for a reason the message says in full:
+        # a traceback would bury it.
         print(f"error: {cause}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1 if isinstance(cause, JobFailed) else 2)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,16 @@ class ConfigError(ValueError):
     """A setting that cannot work here; the message names the key and the values it may take."""
 
 
-def config_error_in(exc: BaseException) -> ConfigError | None:
-    """The ``ConfigError`` behind ``exc`` (Hydra's ``instantiate`` wraps what a constructor raises)."""
+class JobFailed(RuntimeError):
+    """A job that stopped for a reason its message says in full (a training rank died, say):
+    ``run.py`` prints it and exits with status 1, without a traceback."""
+
+
+def config_error_in(exc: BaseException) -> ConfigError | JobFailed | None:
+    """The ``ConfigError`` or ``JobFailed`` behind ``exc`` (Hydra's ``instantiate`` wraps what a constructor raises)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, ConfigError):
+        if isinstance(exc, ConfigError | JobFailed):
             return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__

@@ -421,3 +421,16 @@ def test_an_unwritable_run_dir_fails_at_start_with_status_2(tmp_path):
     assert result.returncode == 2, result.stdout[-2000:]
     assert f"error: paths.output_dir={in_the_way}/run cannot be written (Not a directory)" in result.stdout
     assert "Traceback" not in result.stdout
+
+
+@pytest.mark.parametrize("service", ["infogain", "embedding", "reward"])
+def test_a_service_asking_for_gpus_that_are_not_there_fails_at_once(tmp_path, service):
+    # InfoGain's gpus=4 used to start a local Ray that waited forever for GPUs it could not get.
+    from conftest import run_in_process
+    from core.config_errors import ConfigError, config_error_in
+
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - Hydra's instantiate may wrap it
+        run_in_process(tmp_path, f"service={service}", "gpus=4")
+    error = config_error_in(raised.value)
+    assert isinstance(error, ConfigError) and "gpus=4 but 0 CUDA devices are visible" in str(error)
+    assert "use gpus=0" in str(error)

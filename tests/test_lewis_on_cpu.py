@@ -331,7 +331,7 @@ def test_speaker_7b_experiment_has_the_reference_run_settings():
     }
     assert {k: cfg.trainer[k] for k in reference} == reference
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.seed, cfg.gpus) == (64, 128, 0.001, 23, 2)
-    assert cfg.deepspeed.config.optimizer.params.lr == 5e-7
+    assert cfg.deepspeed.config.optimizer.params.lr == "auto"  # filled in from trainer.learning_rate
     assert (cfg.vlm.max_pixels, cfg.vlm.attn_implementation) == (401408, "flash_attention_2")
     GRPOConfig(output_dir="/tmp/x", use_cpu=True, **reference)  # every name is one TRL accepts
 

@@ -216,41 +216,67 @@ def test_multirun_of_four_jobs_writes_their_dirs_and_a_summary(tmp_path):
     assert (tmp_path / "sweep_summary.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_deepspeed_zero3_config_is_accepted_by_deepspeed():
-    from deepspeed.runtime.config import DeepSpeedConfig
+def test_deepspeed_configs_leave_the_shared_values_to_the_trainer():
+    # Trainer fills "auto" from trainer.*; numbers that differ from TrainingArguments are refused at
+    # start (tests/test_ranks_on_cpu.py runs zero3 on two CPU ranks). The reference run's optimizer
+    # values live in its experiment.
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from core.training.layout import accelerate_config, layout_for
-
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["deepspeed=zero3", "gpus=4"])
-    ds = OmegaConf.to_container(cfg.deepspeed.config, resolve=True)
-    parsed = DeepSpeedConfig(ds)
-    assert parsed.zero_optimization_stage == 3
-    assert parsed.zero_config.offload_param.device == "cpu" and parsed.zero_config.offload_optimizer.device == "cpu"
-    assert ds["bf16"] == {"enabled": True} and ds["optimizer"]["params"]["lr"] == cfg.trainer.learning_rate
-    assert parsed.train_batch_size == cfg.trainer.per_device_train_batch_size * cfg.trainer.gradient_accumulation_steps
-    layout = layout_for(4, ds)
-    acc = accelerate_config(layout, "/run/deepspeed.json")
-    assert (acc["distributed_type"], acc["num_processes"], acc["mixed_precision"]) == ("DEEPSPEED", 4, "bf16")
-    assert acc["deepspeed_config"] == {"deepspeed_config_file": "/run/deepspeed.json", "zero3_init_flag": True}
+        zero3 = compose("config", overrides=["deepspeed=zero3", "gpus=4"])
+        reference = compose("config", overrides=["train=speaker", "experiment=lewis_speaker_qwen2vl7b"])
+    ds = OmegaConf.to_container(zero3.deepspeed.config, resolve=True)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_param"] == {"device": "cpu"} == ds["zero_optimization"]["offload_optimizer"]
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert ds["optimizer"]["params"] == dict.fromkeys(("lr", "betas", "eps", "weight_decay"), "auto")
+    assert ds["bf16"] == {"enabled": "auto"} and ds["train_micro_batch_size_per_gpu"] == "auto"
+    assert (reference.trainer.adam_beta2, reference.trainer.weight_decay, reference.trainer.warmup_steps) == (
+        0.95,
+        0.1,
+        100,
+    )
+    assert reference.deepspeed.config.zero_optimization.stage == 3
 
 
-def test_gpu_layouts_without_gpus(tmp_path):
-    from core.training.layout import accelerate_config, launch_command, layout_for, write_launch_files
+def test_layouts_and_launch_commands_without_gpus(tmp_path):
+    from core.config_errors import ConfigError
+    from core.training.layout import launch_command, layout_for, write_deepspeed_file
 
-    assert layout_for(0).device == "cpu" and layout_for(0).num_processes == 1
-    plain = accelerate_config(layout_for(4))
-    assert (plain["distributed_type"], plain["num_processes"], plain["use_cpu"]) == ("MULTI_GPU", 4, False)
-    assert accelerate_config(layout_for(1))["distributed_type"] == "NO"
-    with pytest.raises(ValueError, match="DeepSpeed needs GPUs"):
+    one = layout_for(0)
+    assert (one.device, one.num_processes, one.world_size) == ("cpu", 1, 1)
+    cpu2 = layout_for(0, None, processes=2)
+    assert (cpu2.device, cpu2.backend, cpu2.world_size) == ("cpu", "gloo", 2)
+    gpu4 = layout_for(4)
+    assert (gpu4.device, gpu4.backend, gpu4.num_processes, gpu4.mixed_precision) == ("cuda", "nccl", 4, "bf16")
+    with pytest.raises(ConfigError, match="processes=2 with gpus=4"):
+        layout_for(4, None, processes=2)
+    with pytest.raises(ConfigError, match="DeepSpeed on the CPU runs on several ranks"):
         layout_for(0, {"zero_optimization": {"stage": 2}})
-    acc_file, ds_file = write_launch_files(layout_for(2, {"zero_optimization": {"stage": 2}}), tmp_path)
+    ds_file = write_deepspeed_file(layout_for(0, {"zero_optimization": {"stage": 2}}, processes=2), tmp_path)
     assert ds_file is not None and json.loads(ds_file.read_text())["zero_optimization"]["stage"] == 2
-    command = launch_command(acc_file, ["run.py", "gpus=2", "hydra.run.dir=old"], tmp_path)
-    assert command[1:5] == ["-m", "accelerate.commands.launch", "--config_file", str(acc_file)]
-    assert command[-3:] == ["run.py", "gpus=2", f"hydra.run.dir={tmp_path}"]
+    # the same relaunch for 2 GPUs and 2 CPU ranks: torchrun, the same run.py command, one run dir
+    for layout, argv in ((layout_for(2), ["run.py", "gpus=2"]), (cpu2, ["run.py", "processes=2"])):
+        command = launch_command(layout, [*argv, "hydra.run.dir=old"], tmp_path, env={})
+        assert command[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+        assert command[-3:] == [*argv, f"hydra.run.dir={tmp_path}"]
+    # two nodes of a SLURM allocation: torchrun's multi-node settings from SLURM's environment
+    slurm = {"SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu-a,gpu-b", "SLURM_JOB_ID": "4242"}
+    two_nodes = layout_for(4, None, nodes=2)
+    assert two_nodes.world_size == 8
+    command = launch_command(two_nodes, ["run.py", "gpus=4"], tmp_path, env=slurm)
+    assert command[3:8] == [
+        "--nproc_per_node=4",
+        "--nnodes=2",
+        "--node_rank=1",
+        "--master_addr=gpu-a",
+        "--master_port=24242",
+    ]
+    with pytest.raises(ConfigError, match="SLURM allocated 3"):
+        launch_command(two_nodes, ["run.py"], tmp_path, env={**slurm, "SLURM_NNODES": "3"})
+    with pytest.raises(ConfigError, match="needs SLURM's environment"):
+        launch_command(two_nodes, ["run.py"], tmp_path, env={})
 
 
 @pytest.mark.parametrize("override", [[], ["trainer.bf16=false"]], ids=["default", "off"])

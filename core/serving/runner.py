@@ -17,6 +17,10 @@ def build_service(cfg, settings: ServerSettings | None = None):
 
 def run_service(cfg) -> None:
     """Build the service's app (``build_service``) and serve it with ``server:``."""
+    from core.models.loading import check_gpus
+
     settings = ServerSettings.from_config(cfg.server)
-    check_address(settings)  # a port in use is found in a second, not after the model has loaded
+    # found in a second, not after a model load or while Ray waits for GPUs that are not there
+    check_gpus(int(cfg.get("gpus") or 0))
+    check_address(settings)
     serve(build_service(cfg, settings), settings)

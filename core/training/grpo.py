@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Mapping
@@ -35,8 +34,15 @@ from core.models.loading import build_causal_lm, check_gpus, device_for, load_to
 from core.rewards.base import as_text, trl_samples
 from core.rewards.protocols import RewardScorer
 from core.tasks import job_overrides
-from core.training.layout import Layout, launch_command, layout_for, needs_launcher, write_launch_files
-from core.training.tracking import open_tracker
+from core.training.layout import (
+    Layout,
+    is_main_rank,
+    layout_for,
+    needs_launcher,
+    run_ranks,
+    write_deepspeed_file,
+)
+from core.training.tracking import NullTracker, open_tracker
 
 matplotlib.use("Agg")
 log = logging.getLogger(__name__)
@@ -239,10 +245,8 @@ def plot_rewards(rows: list[dict], path: Path) -> None:
 
 
 def _relaunch(layout: Layout, run_dir: Path) -> dict:
-    accelerate_file, _ = write_launch_files(layout, run_dir)
-    command = launch_command(accelerate_file, sys.argv, run_dir)
-    log.info("launching %d processes: %s", layout.num_processes, " ".join(command))
-    subprocess.run(command, check=True)
+    log.info("starting %d ranks (%s, %d node(s))", layout.world_size, layout.backend, layout.nodes)
+    run_ranks(layout, sys.argv, run_dir)
     return json.loads((run_dir / "final.json").read_text())
 
 
@@ -270,16 +274,18 @@ def train(cfg, build) -> dict:
     run_dir = check_writable_dir(cfg.paths.output_dir, "paths.output_dir")
     check_gpus(int(cfg.gpus))
     resume_from = find_checkpoint(cfg.resume, run_dir / "checkpoints")  # a bad resume= fails before any work
-    layout = layout_for(int(cfg.gpus), cfg.deepspeed.config)
+    layout = layout_for(int(cfg.gpus), cfg.deepspeed.config, cfg.get("processes"), int(cfg.get("nodes") or 1))
     if needs_launcher(layout):
         return _relaunch(layout, run_dir)
-    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    deepspeed_file = write_launch_files(layout, run_dir)[1] if layout.deepspeed else None
+    main_rank = is_main_rank()
+    if main_rank:
+        (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    deepspeed_file = write_deepspeed_file(layout, run_dir)  # every rank reads it: each writes the same
 
     model, processing_class, dataset, mix = build()
     recorder = RewardRecorder(mix)
     args = grpo_args(cfg, run_dir, layout, recorder.weights(), deepspeed_file)
-    tracker = open_tracker(cfg.logger, run_dir, cfg)
+    tracker = open_tracker(cfg.logger, run_dir, cfg) if main_rank else NullTracker()
     run_log = RunLog(
         run_dir,
         recorder,
@@ -299,9 +305,10 @@ def train(cfg, build) -> dict:
     trainer.remove_callback(ProgressCallback)  # it prints every log dict; RunLog keeps a quieter bar
     try:
         trainer.train(resume_from_checkpoint=resume_from)
+        # every rank: under ZeRO-3 the adapter's shards are gathered to rank 0, which writes it
+        trainer.save_model(str(run_dir / "adapter"))
         if not trainer.is_world_process_zero():
             return {}
-        trainer.save_model(str(run_dir / "adapter"))
         return _finish(cfg, run_dir, run_log.rows, recorder.mix)
     finally:
         tracker.finish()
