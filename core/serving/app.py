@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -199,7 +200,8 @@ def create_app(
 
     @app.get("/health", responses={200: {"model": Health}})
     async def _health():
-        return {"status": "ok", **(health() if health else {})}
+        # the process that answered: which replica, behind a load balancer or Ray Serve
+        return {"status": "ok", "pid": os.getpid(), **(health() if health else {})}
 
     @app.get(
         "/metrics",

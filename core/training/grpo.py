@@ -40,6 +40,7 @@ from core.training.layout import (
     layout_for,
     needs_launcher,
     run_ranks,
+    slurm_restarts,
     write_deepspeed_file,
 )
 from core.training.tracking import NullTracker, open_tracker
@@ -186,6 +187,19 @@ def find_checkpoint(resume, checkpoints_dir: Path) -> str | None:
     return str(found[-1])
 
 
+def resume_setting(resume, run_dir: Path):
+    """``resume`` as set, except in a job SLURM requeued (preempted, ``scontrol requeue``): there
+    an unset ``resume`` is ``latest`` when the run dir holds a complete checkpoint, so the job goes
+    on from it instead of starting over."""
+    if resume not in (None, False, "", "none") or not slurm_restarts():
+        return resume
+    found = [c for c in (run_dir / "checkpoints").glob("checkpoint-*") if checkpoint_complete(c)]
+    if not found:
+        return resume
+    log.info("requeued by SLURM (restart %d): resuming from the latest complete checkpoint", slurm_restarts())
+    return "latest"
+
+
 def lora_config(node: Mapping, task_type: str = "CAUSAL_LM"):
     """A PEFT ``LoraConfig`` from the ``lora:`` node (r, alpha, dropout, target_modules, modules_to_save)."""
     from peft import LoraConfig
@@ -273,7 +287,7 @@ def train(cfg, build) -> dict:
     check_types(cfg, {"trainer": GRPOConfig})
     run_dir = check_writable_dir(cfg.paths.output_dir, "paths.output_dir")
     check_gpus(int(cfg.gpus))
-    resume_from = find_checkpoint(cfg.resume, run_dir / "checkpoints")  # a bad resume= fails before any work
+    resume_from = find_checkpoint(resume_setting(cfg.resume, run_dir), run_dir / "checkpoints")  # fails before any work
     layout = layout_for(int(cfg.gpus), cfg.deepspeed.config, cfg.get("processes"), int(cfg.get("nodes") or 1))
     if needs_launcher(layout):
         return _relaunch(layout, run_dir)

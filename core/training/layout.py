@@ -106,6 +106,12 @@ def write_deepspeed_file(layout: Layout, run_dir: Path) -> Path | None:
     return path
 
 
+def slurm_restarts(env: Mapping[str, str] = os.environ) -> int:
+    """How often SLURM has requeued this job (``SLURM_RESTART_COUNT``: preemption, ``scontrol
+    requeue``, or submitit's requeue on its time-out signal); 0 outside SLURM."""
+    return int(env.get("SLURM_RESTART_COUNT") or 0)
+
+
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list (``node[03-04]``: ``node03``), as ``scontrol`` expands it."""
     try:

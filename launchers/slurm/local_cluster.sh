@@ -50,6 +50,8 @@ SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/backfill
 MpiDefault=none
 ReturnToService=2
+# A job ends 5 s after its SIGTERM (requeue, cancel), not SLURM's default 30 s.
+KillWait=5
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool
 SlurmctldPidFile=$dir/run/slurmctld.pid
