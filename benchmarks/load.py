@@ -14,12 +14,15 @@ see 429/503 besides 200s.
 Goals checked at the end: no 5xx other than 503 and nothing dropped at any level; 429/503 only
 beyond the limit; RSS growth over the soak under 5 %; soak p99 under 3 × p50.
 
+``embedding_serve`` is the embedding service as one Ray Serve replica (``serve=ray``), to compare
+with ``embedding``.
+
 ``--replicas`` runs the embedding service as two replicas behind our client (one URL list)
 against one, with a replica killed (SIGKILL) and restarted under load: throughput, p99, failed
 requests and how soon the restarted replica serves again.
 
-    python benchmarks/load.py [--servers embedding,judge,policy,reward,reward_embedding] [--level-seconds 8]
-        [--soak-seconds 300] [--replicas]
+    python benchmarks/load.py [--servers embedding,judge,policy,reward,reward_embedding,embedding_serve]
+        [--level-seconds 8] [--soak-seconds 300] [--replicas]
 """
 
 from __future__ import annotations
@@ -81,6 +84,12 @@ ONE_SAMPLE = {"samples": [{"completion": "<answer>Paris</answer> is the capital.
 
 TARGETS = {
     "embedding": Target(["service=embedding"], "/embed", {"inputs": ["A short sentence to embed, once more."] * 4}),
+    # the same service as one Ray Serve replica behind Ray's proxy (serve=ray)
+    "embedding_serve": Target(
+        ["service=embedding", "serve=ray", "serve.replicas=1"],
+        "/embed",
+        {"inputs": ["A short sentence to embed, once more."] * 4},
+    ),
     "judge": Target(
         ["service=llm_judge"],
         "/v1/chat/completions",
@@ -209,6 +218,7 @@ def run(name: str, target: Target, level_seconds: float, soak_seconds: float) ->
                 missed.append(f"{name}: {level} clients: statuses {sorted(bad)}, dropped {tally.dropped}")
             if refused and level < target.beyond:
                 missed.append(f"{name}: {level} clients (within the limit) got {sorted(refused)}")
+        time.sleep(10)  # the level beyond the limit leaves a queue (up to acquire_timeout_s): let it drain
         rss_start = process.memory_info().rss
         soak = asyncio.run(open_loop(server.url, target, best / 2, soak_seconds))
         rss_end = process.memory_info().rss
