@@ -1,9 +1,12 @@
-"""Timing helpers shared by the benchmarks: best-of-N wall time and a ratio table."""
+"""Timing helpers shared by the benchmarks: best-of-N wall time, a ratio table, and a training run."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -28,3 +31,24 @@ def report(title: str, rows: list[tuple[str, str, str, str]]) -> None:
     for row in rows:
         table.add_row(*row)
     Console().print(table)
+
+
+def train(out: Path, steps: int, *overrides: str) -> None:
+    """``python run.py`` training ``steps`` steps into ``out`` (no tracker, no checkpoints, no bar);
+    step times are in its ``metrics.jsonl``, its output in ``<out>.log`` (shown when it fails)."""
+    root = Path(__file__).resolve().parents[1]
+    command = [
+        sys.executable,
+        str(root / "run.py"),
+        "logger=none",
+        f"trainer.max_steps={steps}",
+        "trainer.save_strategy=no",
+        "trainer.disable_tqdm=true",
+        *overrides,
+        f"hydra.run.dir={out}",
+    ]
+    log = out.parent / f"{out.name}.log"
+    with open(log, "w") as sink:
+        status = subprocess.run(command, cwd=root, stdout=sink, stderr=subprocess.STDOUT).returncode
+    if status:
+        raise RuntimeError(f"{' '.join(command)} failed ({status}):\n{log.read_text()[-3000:]}")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import report  # noqa: E402
+from benchmarks.common import report, train  # noqa: E402
 from core.serving.local_server import ROOT  # noqa: E402
 
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
@@ -108,16 +108,7 @@ def bare(out: Path, steps: int) -> None:
 
 def ours(out: Path, steps: int) -> None:
     """The quickstart through ``run.py`` (step times from its ``metrics.jsonl``)."""
-    command = [
-        sys.executable,
-        str(ROOT / "run.py"),
-        "logger=none",
-        f"trainer.max_steps={steps}",
-        "trainer.save_strategy=no",
-        "trainer.disable_tqdm=true",
-        f"hydra.run.dir={out}",
-    ]
-    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    train(out, steps)
 
 
 def steps_of(out: Path, completions_per_step: int) -> list[dict]:

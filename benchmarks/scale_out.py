@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,8 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import report  # noqa: E402
-from core.serving.local_server import ROOT  # noqa: E402
+from benchmarks.common import report, train  # noqa: E402
 
 VARIANTS = {
     "1 process": ["trainer.per_device_train_batch_size=8"],
@@ -33,16 +31,7 @@ VARIANTS = {
 def step_seconds(run_dir: Path, steps: int, overrides: list[str]) -> tuple[float, float]:
     """(median seconds per step after the first, wall seconds of the whole run)."""
     started = time.perf_counter()
-    command = [
-        sys.executable,
-        str(ROOT / "run.py"),
-        "logger=none",
-        f"trainer.max_steps={steps}",
-        "trainer.save_strategy=no",
-        *overrides,
-        f"hydra.run.dir={run_dir}",
-    ]
-    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    train(run_dir, steps, *overrides)
     wall = time.perf_counter() - started
     times = [json.loads(line)["time"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(b - a for a, b in zip(times, times[1:], strict=False)), wall
@@ -55,7 +44,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in VARIANTS.items():
-            results[name] = step_seconds(Path(tmp) / name.replace(" ", "_"), args.steps, overrides)
+            results[name] = step_seconds(Path(tmp) / name.replace(",", "").replace(" ", "_"), args.steps, overrides)
     one, _ = results["1 process"]
     rows = [
         (

@@ -11,6 +11,7 @@ existing cluster, ``serve.address=``).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
@@ -32,7 +33,8 @@ def replica_config(cfg, replicas: int) -> dict:
 def ray_actor_options(cfg) -> dict:
     """Ray's resources for one replica: ``gpus`` shared out over the replicas, and CPUs."""
     replicas = int(cfg.serve.replicas)
-    options = {"num_cpus": float(cfg.serve.cpus_per_replica)}
+    cpus = cfg.serve.cpus_per_replica
+    options = {"num_cpus": float(cpus) if cpus is not None else max(1, (os.cpu_count() or 1) // replicas)}
     if int(cfg.get("gpus") or 0):
         options["num_gpus"] = int(cfg.gpus) / replicas
     return options
@@ -62,12 +64,15 @@ def serve_deployment(cfg) -> None:
     check_address(settings)
     name = str(cfg.tasks.service)
     replicas = int(cfg.serve.replicas)
+    # the app keeps its own request metrics; Ray's access log line per request costs CPU on every hop
+    quiet = {"enable_access_log": False, "log_level": "WARNING"}
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address=cfg.serve.address, include_dashboard=False, log_to_driver=True)
-    serve.start(http_options={"host": settings.host, "port": settings.port}, detached=False)
+    serve.start(http_options={"host": settings.host, "port": settings.port}, logging_config=quiet)
     options = {
         "name": name,
+        "logging_config": quiet,
         "ray_actor_options": ray_actor_options(cfg),
         # Ray's own queue in front of each replica stays out of the way: the app's gate decides (429/503)
         "max_ongoing_requests": settings.max_concurrency + settings.max_queue,

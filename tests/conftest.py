@@ -97,6 +97,33 @@ class ThreadServer:
         self.thread.join(timeout=10)
 
 
+class SteadyLoad:
+    """``threads`` threads calling ``call(k)`` (k counts the calls) back to back until the block
+    ends; what each returned goes to ``done``, what each raised to ``failures``."""
+
+    def __init__(self, call, threads: int = 4):
+        self.call, self.done, self.failures = call, [], []
+        self.stop = threading.Event()
+        self.workers = [threading.Thread(target=self._run) for _ in range(threads)]
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.done.append(self.call(len(self.done)))
+            except Exception as exc:  # noqa: BLE001 - gathered: a test asserts there are none
+                self.failures.append(exc)
+
+    def __enter__(self) -> SteadyLoad:
+        for worker in self.workers:
+            worker.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for worker in self.workers:
+            worker.join(timeout=60)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_cfg() -> dict:
     """The tiny random Qwen2 config from conf/model/tiny_lm.yaml, as plain data."""

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from conftest import SteadyLoad
 from core.serving.local_server import LocalServer
 from ppo_server.clients import PolicyClient
 
@@ -222,37 +223,23 @@ def test_a_replica_killed_under_load_loses_no_request_and_gets_traffic_again_onc
     first, second = LocalServer(tmp_path, "service=embedding"), LocalServer(tmp_path, "service=embedding")
     with first, second:
         client = EmbeddingClient(f"{first.url},{second.url}", timeout=10)  # as EMBEDDING_SERVER_URL lists replicas
-        done, failures, stop = [], [], threading.Event()
-
-        def load():
-            while not stop.is_set():
-                try:
-                    done.append(client.embed([f"sample {len(done)}", "Paris is the capital of France."]).shape[0])
-                except Exception as exc:  # noqa: BLE001 - counted: the test asserts there are none
-                    failures.append(exc)
-
-        workers = [threading.Thread(target=load) for _ in range(4)]
-        for w in workers:
-            w.start()
-        time.sleep(2)
-        assert first.metric(served) > 0 and second.metric(served) > 0  # both replicas take requests
-        first.proc.send_signal(signal.SIGKILL)
-        first.proc.wait()
-        before = len(done)
-        time.sleep(3)
-        assert len(done) > before  # the survivor carries the load
-        restarted = LocalServer(tmp_path, "service=embedding", port=first.port).start()
-        try:
-            back = time.monotonic()
-            while restarted.metric(served) == 0 and time.monotonic() - back < 10:
-                time.sleep(0.2)
-            waited = time.monotonic() - back
-            stop.set()
-            for w in workers:
-                w.join(timeout=30)
-            assert restarted.metric(served) > 0, "the restarted replica got no traffic"
-            assert waited < 5 + 1.5  # within the circuit's cool-down (5 s) and a probe
-        finally:
-            restarted.stop()
-    assert not failures, failures[:3]
-    assert set(done) == {2}
+        with SteadyLoad(lambda k: client.embed([f"sample {k}", "Paris is the capital of France."]).shape[0]) as load:
+            time.sleep(2)
+            assert first.metric(served) > 0 and second.metric(served) > 0  # both replicas take requests
+            first.proc.send_signal(signal.SIGKILL)
+            first.proc.wait()
+            before = len(load.done)
+            time.sleep(3)
+            assert len(load.done) > before  # the survivor carries the load
+            restarted = LocalServer(tmp_path, "service=embedding", port=first.port).start()
+            try:
+                back = time.monotonic()
+                while restarted.metric(served) == 0 and time.monotonic() - back < 10:
+                    time.sleep(0.2)
+                waited = time.monotonic() - back
+                assert restarted.metric(served) > 0, "the restarted replica got no traffic"
+                assert waited < 5 + 1.5  # within the circuit's cool-down (5 s) and a probe
+            finally:
+                restarted.stop()
+    assert not load.failures, load.failures[:3]
+    assert set(load.done) == {2}

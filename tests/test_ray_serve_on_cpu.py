@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import httpx
 import psutil
 import pytest
 
+from conftest import SteadyLoad
 from core.models.embedding_client import EmbeddingClient
 from core.serving.local_server import LocalServer
 
@@ -37,32 +37,19 @@ def test_two_serve_replicas_share_the_load_survive_a_kill_and_stop_cleanly(tmp_p
             "code": 422,
         }  # the app's own answer, from inside a replica
         client = EmbeddingClient(server.url, timeout=30)
-        done, failures, stop = [], [], threading.Event()
-
-        def load():
-            while not stop.is_set():
-                try:
-                    done.append(client.embed([f"text {len(done)}", "Paris is the capital of France."]).shape)
-                except Exception as exc:  # noqa: BLE001 - counted: the test asserts there are none
-                    failures.append(exc)
-
-        workers = [threading.Thread(target=load) for _ in range(3)]
-        for w in workers:
-            w.start()
-        time.sleep(2)
-        victim = min(pids)
-        os.kill(victim, signal.SIGKILL)
-        deadline = time.monotonic() + 90
-        while not (replica_pids(server.url, 10) - pids) and time.monotonic() < deadline:
-            time.sleep(1)  # Ray starts a replacement replica
-        replaced = replica_pids(server.url) - pids
-        time.sleep(1)
-        stop.set()
-        for w in workers:
-            w.join(timeout=60)
+        text = "Paris is the capital of France."
+        with SteadyLoad(lambda k: client.embed([f"text {k}", text]).shape, threads=3) as load:
+            time.sleep(2)
+            victim = min(pids)
+            os.kill(victim, signal.SIGKILL)
+            deadline = time.monotonic() + 90
+            while not (replica_pids(server.url, 10) - pids) and time.monotonic() < deadline:
+                time.sleep(1)  # Ray starts a replacement replica
+            replaced = replica_pids(server.url) - pids
+            time.sleep(1)
         assert replaced, "no replacement replica"
-        assert not failures, failures[:3]
-        assert len(done) > 10
+        assert not load.failures, load.failures[:3]
+        assert len(load.done) > 10
         family = launcher.children(recursive=True)
         assert any("raylet" in " ".join(p.cmdline()) for p in family if p.is_running())
     finally:
