@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -79,7 +80,8 @@ def keyed_kit():
 
 
 def test_health_and_metrics(kit):
-    assert httpx.get(f"{kit.url}/health").json() == {"status": "ok", "model": "none"}
+    # pid: the process that answered (the server runs in this one here)
+    assert httpx.get(f"{kit.url}/health").json() == {"status": "ok", "pid": os.getpid(), "model": "none"}
     httpx.post(f"{kit.url}/sum", json={"items": [1, 2]})
     metrics = httpx.get(f"{kit.url}/metrics").text
     assert 'service_requests_total{route="/sum",status="200"} 1.0' in metrics
