@@ -96,7 +96,8 @@ class RewardFunction(Protocol):
 
     A reward that can fail quietly also keeps ``stats`` (counters), names the ones that count
     failures in ``failure_keys`` (trainers log them, evaluation reports them) and may give
-    ``failure_advice``: ``{key: what to do when it is non-zero}``.
+    ``failure_advice``: ``{key: what to do when it is non-zero}``; it says which samples it could
+    not score with ``mark_unscored``, so the mix reports them and applies its ``on_failure`` rule.
     """
 
     name: str
@@ -166,9 +167,9 @@ def verl_compute_score(reward: RewardFunction) -> Callable[..., float | list[flo
     failure_keys = tuple(getattr(reward, "failure_keys", ()))
 
     def single(data_source, solution_str, ground_truth, extra_info=None, return_dict=False, **reward_kwargs):
-        sample = verl_samples([data_source or ""], [solution_str or ""], [ground_truth], [extra_info], **reward_kwargs)
+        samples = verl_samples([data_source or ""], [solution_str or ""], [ground_truth], [extra_info], **reward_kwargs)
         with failure_scope() as failed:
-            score = float(reward(sample)[0])
+            score = float(reward(samples)[0])
         if not return_dict:
             return score
         return {"score": score, **{key: failed.counts.get(key, 0) for key in failure_keys}}

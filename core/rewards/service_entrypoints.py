@@ -57,8 +57,8 @@ def verl_result(scores: MixScores, i: int) -> dict:
 
 
 def _single(data_source, solution_str, ground_truth, extra_info=None, return_dict=False, **reward_kwargs):
-    sample = verl_samples([data_source or ""], [solution_str or ""], [ground_truth], [extra_info], **reward_kwargs)
-    result = verl_result(service_from_env().score(sample), 0)
+    samples = verl_samples([data_source or ""], [solution_str or ""], [ground_truth], [extra_info], **reward_kwargs)
+    result = verl_result(service_from_env().score(samples), 0)
     return result if return_dict else result["score"]
 
 

@@ -102,7 +102,11 @@ def write_deepspeed_file(layout: Layout, run_dir: Path) -> Path | None:
     if not layout.deepspeed:
         return None
     path = run_dir / "deepspeed.json"
-    path.write_text(json.dumps(layout.deepspeed, indent=2))
+    # whole or not at all: every rank writes it and reads it at once (same content), so a reader
+    # must never see another rank's half-written file
+    part = path.with_name(f"{path.name}.{os.getpid()}.part")
+    part.write_text(json.dumps(layout.deepspeed, indent=2))
+    os.replace(part, path)
     return path
 
 
