@@ -84,22 +84,17 @@ class MixScores:
         cls, rows: Sequence[Mapping], weights: Mapping[str, float], on_failure: str = "fallback"
     ) -> MixScores:
         """The scores of rows in ``sample()``'s shape (what a client reads back from the service)."""
+
+        def by_component(key: str) -> dict[str, dict]:
+            """``{name: {sample index: row[key][name]}}`` for the components some row has under ``key``."""
+            found = {
+                name: {i: row[key][name] for i, row in enumerate(rows) if name in (row.get(key) or {})}
+                for name in weights
+            }
+            return {name: per_sample for name, per_sample in found.items() if per_sample}
+
         components = {name: [row["components"].get(name) for row in rows] for name in weights}
-        failures = {
-            name: {i: row["failures"][name] for i, row in enumerate(rows) if name in (row.get("failures") or {})}
-            for name in weights
-        }
-        fallbacks = {
-            name: {i: row["fallbacks"][name] for i, row in enumerate(rows) if name in (row.get("fallbacks") or {})}
-            for name in weights
-        }
-        return cls(
-            components,
-            dict(weights),
-            on_failure,
-            {k: v for k, v in failures.items() if v},
-            {k: v for k, v in fallbacks.items() if v},
-        )
+        return cls(components, dict(weights), on_failure, by_component("failures"), by_component("fallbacks"))
 
 
 @runtime_checkable

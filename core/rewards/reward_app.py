@@ -28,7 +28,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.rewards.base import RewardSample
-from core.rewards.protocols import RewardScorer
+from core.rewards.protocols import MixScores, RewardScorer
 from core.serving.app import ServerSettings, add_batcher, check_batch_size, create_app
 from core.serving.errors import APIError
 
@@ -143,10 +143,7 @@ def reward_app(
             if name in scores.seconds:
                 seconds.labels(component=name).observe(scores.seconds[name])
             unscored.labels(component=name).inc(len(scores.failures.get(name, {})))
-        return [
-            {"result": scores.sample(i), "values": {n: scores.value(n, i) for n in weights}}
-            for i in range(len(samples))
-        ]
+        return [scores.sample(i) for i in range(len(samples))]
 
     batcher = add_batcher(app, run_batch, max_batch_size, max_wait_ms)
 
@@ -163,7 +160,7 @@ def reward_app(
         samples = [_sample(s) for s in req.samples]
         on_failure = req.on_failure or engine.on_failure
         scored = await score(samples, on_failure)
-        return {"results": [s["result"] for s in scored], "weights": weights, "on_failure": on_failure}
+        return {"results": scored, "weights": weights, "on_failure": on_failure}
 
     @app.post("/get_reward", responses={200: {"model": GetRewardResponse}})
     async def _get_reward(req: GetRewardRequest):
@@ -176,12 +173,11 @@ def reward_app(
         samples = [
             RewardSample(response_of(q, p), label, p) for q, p, label in zip(req.query, prompts, labels, strict=True)
         ]
-        scored = await score(samples, engine.on_failure)
-        totals = [s["result"]["score"] for s in scored]
-        rewards = [t if t is not None else 0.0 for t in totals]
-        extra_logs = {name: [s["values"][name] or 0.0 for s in scored] for name in weights}
+        scores = MixScores.from_samples(await score(samples, engine.on_failure), weights, engine.on_failure)
+        rewards = [t if t is not None else 0.0 for t in scores.total]
+        extra_logs = {name: [scores.value(name, i) or 0.0 for i in range(n)] for name in weights}
         extra_logs.update(
-            {f"unscored/{name}": [float(name in s["result"]["failures"]) for s in scored] for name in weights}
+            {f"unscored/{name}": [float(i in scores.failures.get(name, {})) for i in range(n)] for name in weights}
         )
         return {"rewards": rewards, "scores": rewards, "extra_logs": extra_logs}
 

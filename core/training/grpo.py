@@ -191,12 +191,12 @@ def resume_setting(resume, run_dir: Path):
     """``resume`` as set, except in a job SLURM requeued (preempted, ``scontrol requeue``): there
     an unset ``resume`` is ``latest`` when the run dir holds a complete checkpoint, so the job goes
     on from it instead of starting over."""
-    if resume not in (None, False, "", "none") or not slurm_restarts():
+    restarts = slurm_restarts()
+    if resume not in (None, False, "", "none") or not restarts:
         return resume
-    found = [c for c in (run_dir / "checkpoints").glob("checkpoint-*") if checkpoint_complete(c)]
-    if not found:
+    if not any(checkpoint_complete(c) for c in (run_dir / "checkpoints").glob("checkpoint-*")):
         return resume
-    log.info("requeued by SLURM (restart %d): resuming from the latest complete checkpoint", slurm_restarts())
+    log.info("requeued by SLURM (restart %d): resuming from the latest complete checkpoint", restarts)
     return "latest"
 
 
