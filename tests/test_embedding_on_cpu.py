@@ -304,6 +304,33 @@ def test_tei_and_openai_clients_work_unchanged(embedding_server):
     assert outside.status_code == 400 and "outside the model's vocabulary" in outside.json()["error"]
 
 
+def test_openai_route_takes_openai_batch_sizes_and_langchain_defaults(embedding_server):
+    from langchain_openai import OpenAIEmbeddings
+
+    # 100 texts: over TEI's 32 a request (still refused on /embed), within OpenAI's 2,048.
+    texts = [f"sentence number {i} about {PAIRS[i % 3][0]}" for i in range(100)]
+    tei = httpx.post(f"{embedding_server.url}/embed", json={"inputs": texts})
+    assert tei.status_code == 413 and "maximum allowed batch size 32" in tei.json()["error"]
+    # LangChain's defaults (chunk_size 1,000 per request); its token counter would need a download.
+    lc = OpenAIEmbeddings(
+        base_url=f"{embedding_server.url}/v1",
+        api_key="none",
+        model="text-embedding-3-small",
+        check_embedding_ctx_length=False,
+    )
+    vectors = np.array(lc.embed_documents(texts))
+    expected = np.concatenate(
+        [
+            httpx.post(f"{embedding_server.url}/embed", json={"inputs": texts[i : i + 32]}).json()
+            for i in range(0, 100, 32)
+        ]
+    )
+    assert vectors.shape == (100, 384) and np.allclose(vectors, expected, atol=1e-5)
+    assert np.allclose(lc.embed_query(texts[7]), expected[7], atol=1e-5)
+    over = httpx.post(f"{embedding_server.url}/v1/embeddings", json={"input": ["x"] * 2049})
+    assert over.status_code == 413 and "maximum allowed batch size 2048" in over.json()["error"]["message"]
+
+
 def test_abandoned_requests_free_the_embedding_server(embedding_server):
     # A client firing many large requests and then giving up: what was queued is never computed and
     # the model call in progress stops at its next chunk, so the next client waits for none of it.

@@ -7,7 +7,8 @@ Routes, as Hugging Face Text Embeddings Inference answers them:
   pooled vectors as the model computes them
 * ``GET /v1/models`` → the one served model (any ``model`` name reaches it, as TEI)
 * ``GET /info`` → model facts (``model_id``, ``max_input_length``, ``max_client_batch_size`` …)
-* ``POST /v1/embeddings`` (OpenAI) ``{input, model, encoding_format: float|base64, dimensions}``
+* ``POST /v1/embeddings`` (OpenAI) ``{input, model, encoding_format: float|base64, dimensions}``, up to
+  2,048 inputs (OpenAI's limit; ``app.openai_max_inputs``)
 * ``GET /health``, ``GET /metrics`` (shared kit)
 
 Concurrent requests are merged into one forward pass by the micro-batcher.
@@ -15,6 +16,7 @@ Concurrent requests are merged into one forward pass by the micro-batcher.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from typing import Literal
@@ -95,9 +97,16 @@ class EmbeddingList(BaseModel):
 
 
 def embedding_app(
-    engine: EmbeddingEngine, settings: ServerSettings, max_batch_size: int = 64, max_wait_ms: float = 5.0
+    engine: EmbeddingEngine,
+    settings: ServerSettings,
+    max_batch_size: int = 64,
+    max_wait_ms: float = 5.0,
+    openai_max_inputs: int = 2048,
 ) -> FastAPI:
-    """The FastAPI app serving ``engine``."""
+    """The FastAPI app serving ``engine``. TEI's routes take at most ``server.max_batch_items`` inputs
+    a request (TEI's ``max_client_batch_size``); OpenAI's ``/v1/embeddings`` takes ``openai_max_inputs``
+    (OpenAI's own limit, 2,048), embedded ``max_batch_items`` at a time, since OpenAI clients send up
+    to that many (LangChain's ``OpenAIEmbeddings`` 1,000)."""
     app = create_app(
         "embedding",
         settings,
@@ -122,6 +131,9 @@ def embedding_app(
         prompt_name: str | None,
     ) -> np.ndarray:
         check_batch_size(len(texts), settings, "inputs")
+        return await embed_checked(texts, normalize, truncate, direction, dimensions, prompt_name)
+
+    async def embed_checked(texts, normalize, truncate, direction, dimensions, prompt_name) -> np.ndarray:
         if prompt_name is not None and prompt_name not in engine.prompts:
             raise APIError(
                 422,
@@ -169,7 +181,12 @@ def embedding_app(
     async def _openai_embeddings(req: OpenAIEmbeddingRequest):
         # The one served model answers whatever `model` names, as TEI does.
         texts = engine.texts_of(req.input)
-        vectors = await embed(texts, True, True, "right", req.dimensions, None)
+        check_batch_size(len(texts), settings, "input", limit=openai_max_inputs)
+        # Parts of max_batch_items, submitted together: the batcher merges them into model calls
+        # of at most its max_batch_size texts, the same memory bound as any other requests.
+        parts = [texts[i : i + settings.max_batch_items] for i in range(0, len(texts), settings.max_batch_items)]
+        done = await asyncio.gather(*(embed_checked(p, True, True, "right", req.dimensions, None) for p in parts))
+        vectors = np.concatenate(done)
         data = []
         for i, vec in enumerate(vectors):
             value = base64.b64encode(vec.astype("<f4").tobytes()).decode() if req.encoding_format == "base64" else vec

@@ -247,9 +247,10 @@ def add_batcher(app: FastAPI, fn, max_batch_size: int, max_wait_ms: float) -> Mi
     return batcher
 
 
-def check_batch_size(n: int, settings: ServerSettings, what: str = "items") -> None:
-    """Refuse empty batches (422) and batches over ``max_batch_items`` (413), with the reason."""
+def check_batch_size(n: int, settings: ServerSettings, what: str = "items", limit: int | None = None) -> None:
+    """Refuse empty batches (422) and batches over ``limit`` (default ``max_batch_items``; 413), with the reason."""
+    limit = settings.max_batch_items if limit is None else limit
     if n == 0:
         raise APIError(422, f"`{what}` cannot be empty", "empty")
-    if n > settings.max_batch_items:
-        raise APIError(413, f"batch size {n} > maximum allowed batch size {settings.max_batch_items}", "validation")
+    if n > limit:
+        raise APIError(413, f"batch size {n} > maximum allowed batch size {limit}", "validation")
