@@ -14,9 +14,11 @@ Backends (``embedder.backend=`` / the embedding service's ``engine.backend=``):
 - ``torch``: the model as loaded (the default; GPUs use it);
 - ``onnx``: ONNX Runtime, float32;
 - ``onnx-int8``: ONNX Runtime with ONNX Runtime's dynamic int8 quantisation of the matrix products,
-  per output channel; the feed-forward output projections stay float32, because their inputs (after
-  GELU) have the outliers that cost int8 the most accuracy (min cosine 0.993 with them kept, 0.985 without);
-- ``openvino``: OpenVINO on the CPU, float32, compiled from the same ONNX file.
+  per output channel; the feed-forward output projections (BERT-family names: ``.../output/dense``)
+  stay float32, because their inputs (after GELU) have the outliers that cost int8 the most accuracy
+  (lowest cosine to torch's vectors 0.993 with them in float32, 0.985 with them in int8);
+- ``openvino``: OpenVINO on the CPU, compiled from the same ONNX file; it computes in bfloat16 where
+  the CPU has it (AVX512-BF16, AMX) and in float32 elsewhere.
 """
 
 from __future__ import annotations
@@ -110,7 +112,6 @@ class ExportedForward:
     arrays to a ``(batch, dim)`` float32 array, as the torch model's ``sentence_embedding`` would be."""
 
     def __init__(self, path: Path, backend: str, input_names: list[str]):
-        self.backend = backend
         self.input_names = input_names
         if backend == "openvino":
             import openvino
