@@ -88,6 +88,28 @@ def test_log_probabilities_equal_a_forward_pass(engine):
     assert [[t.logprob for t in c] for c in served] == [r.logprobs for r in rows]
 
 
+@pytest.mark.parametrize("logit_bytes", [1 << 30, 1])  # one prefill; one prompt per prefill group
+def test_prompt_log_probabilities_equal_a_forward_pass(engine, monkeypatch, logit_bytes):
+    import core.models.decoding as decoding
+
+    monkeypatch.setattr(decoding, "PROMPT_LOGITS_BYTES", logit_bytes)
+    ids = engine.token_ids(PROMPTS[:3])
+    scored = RowSpec(max_new_tokens=0, prompt_logprobs=2)
+    rows = [Row(list(p), scored) for p in ids] + [Row(list(ids[0]), RowSpec(max_new_tokens=4))]
+    engine.decode_loop(8).run(rows)
+    for row in rows[:3]:
+        logp = torch.log_softmax(engine.model(torch.tensor([row.prompt])).logits[0, :-1].float(), -1)
+        expected = logp.gather(1, torch.tensor(row.prompt[1:])[:, None]).squeeze(1)
+        assert torch.allclose(torch.tensor([v for v, *_ in row.prompt_scores]), expected, atol=1e-4)
+        assert [rank for _, rank, *_ in row.prompt_scores] == [
+            int((lp > e).sum()) + 1 for lp, e in zip(logp, expected, strict=True)
+        ]
+        assert [ids for *_, ids, _ in row.prompt_scores] == logp.topk(2, dim=-1).indices.tolist()
+        assert row.tokens == [] and row.finish == "length"  # budget 0: scored, nothing generated
+    # a row that decodes beside them is unaffected
+    assert rows[3].tokens == reference_greedy(engine, ids[0], 4) and rows[3].prompt_scores is None
+
+
 def test_rows_end_at_an_end_id_a_stop_string_or_their_budget(engine):
     prompt = engine.token_ids(["Hello there"])[0]
     free = reference_greedy(engine, prompt, 8)

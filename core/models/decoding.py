@@ -16,7 +16,10 @@ second forward pass).
 
 A row ends at any of the model's end ids (kept as its last token), as soon as its generated
 text holds one of its stop strings (matched on decoded text, so a string the vocabulary has
-no token for works too), or at its token budget.
+no token for works too), or at its token budget. A row may also ask for its prompt tokens'
+log-probabilities: they come from the prefill's own forward (every position's logits, for the
+rows that ask), and a row with a budget of 0 tokens ends there (OpenAI's ``echo`` with
+``max_tokens: 0``, lm-eval's loglikelihood requests).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from core.models.constraints import mask_logits, new_matcher
 from core.models.generation import cut_at_stop
 from core.models.sampling import sample_nucleus
 from core.serving.cancel import check_abandoned
@@ -45,6 +49,12 @@ class RowSpec:
     # record each chosen token's log-probability (and this many most likely alternatives)
     logprobs: bool = False
     top_logprobs: int = 0
+    # record each prompt token's log-probability given the tokens before it, from the prefill's
+    # own forward (and this many most likely alternatives); None: not asked
+    prompt_logprobs: int | None = None
+    # OpenAI's response_format (``core.models.constraints.response_format_key``) the text must
+    # follow, enforced token by token; None: free text
+    response_format: str | None = None
 
 
 @dataclass(eq=False)
@@ -64,6 +74,11 @@ class Row:
     top: list[tuple[list[int], list[float]]] = field(default_factory=list)
     finish: str | None = None  # "end" (an end id), "stop" (a stop string) or "length"
     stop_found: str | None = None
+    # with ``spec.prompt_logprobs``: per prompt token after the first, (log-probability, rank
+    # among the vocabulary (1 = most likely), alternative ids, their log-probabilities)
+    prompt_scores: list[tuple[float, int, list[int], list[float]]] | None = None
+    # with ``spec.response_format``: llguidance's matcher of this row's output so far
+    matcher: object = None
 
     @property
     def done(self) -> bool:
@@ -75,6 +90,10 @@ class Row:
 
     def copy(self) -> Row:
         return dataclasses.replace(self, tokens=list(self.tokens), logprobs=list(self.logprobs), top=list(self.top))
+
+
+# Every-position logits a prefill that scores prompts may hold at once (float32).
+PROMPT_LOGITS_BYTES = 1 << 30
 
 
 def clean_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -154,20 +173,23 @@ class DecodeBatch:
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, every_position: bool = False
+    ) -> torch.Tensor:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
-        # only the last position's logits: a prefill would otherwise project every prompt
-        # position onto the vocabulary (rows × prompt × 49k floats for SmolLM2)
+        # only the last position's logits unless prompt log-probabilities are asked for: a prefill
+        # would otherwise project every prompt position onto the vocabulary (rows × prompt × 49k
+        # floats for SmolLM2)
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if every_position else 1,
         )
         self.forward_calls += 1
-        return out.logits[:, -1].float()
+        return out.logits.float() if every_position else out.logits[:, -1].float()
 
     def _advance(self) -> torch.Tensor:
         return self._forward(self.pending, self.mask, self.cache)
@@ -182,13 +204,43 @@ class DecodeBatch:
         for i, prompt in enumerate(unique):
             ids[i, width - len(prompt) :] = torch.tensor(prompt)
             mask[i, width - len(prompt) :] = 1
-        ids, mask, cache = ids.to(self.device), mask.to(self.device), DynamicCache()
-        logits = self._forward(ids, mask, cache)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        scored = [r for r in rows if r.spec.prompt_logprobs is not None]
+        if scored:
+            logits, cache = self._scored_prefill(ids, mask, list(unique), scored)
+        else:
+            cache = DynamicCache()
+            logits = self._forward(ids, mask, cache)
         if len(unique) < len(rows):
             index = torch.tensor(which, device=self.device)
             cache.batch_select_indices(index)
             logits, mask = logits[index], mask[index]
         return logits, cache, mask
+
+    def _scored_prefill(
+        self, ids: torch.Tensor, mask: torch.Tensor, prompts: list[tuple[int, ...]], scored: Sequence[Row]
+    ) -> tuple[torch.Tensor, DynamicCache]:
+        """The prefill when rows ask for their prompt's log-probabilities: every position's logits
+        are needed, so the prompts go through in groups whose logits fit ``PROMPT_LOGITS_BYTES``
+        (a 2,048-token prompt's alone are 400 MB on a 49k vocabulary); returns the last
+        position's logits and the whole batch's cache, as the plain prefill does."""
+        vocab = int(getattr(self.model.config, "vocab_size", 0) or 65536)
+        group = max(1, PROMPT_LOGITS_BYTES // (ids.shape[1] * vocab * 4))
+        position = {p: i for i, p in enumerate(prompts)}
+        last, caches = [], []
+        for start in range(0, len(prompts), group):
+            cache = DynamicCache()
+            logits = self._forward(ids[start : start + group], mask[start : start + group], cache, every_position=True)
+            for row in scored:
+                i = position[tuple(row.prompt)] - start
+                if 0 <= i < len(logits):
+                    row.prompt_scores = _prompt_scores(logits[i], row.prompt, row.spec.prompt_logprobs)
+            last.append(logits[:, -1])
+            caches.append(cache)
+        for other in caches[1:]:  # the groups are as wide as the batch: their caches stack
+            for mine, theirs in zip(caches[0].layers, other.layers, strict=True):
+                mine.keys, mine.values = torch.cat([mine.keys, theirs.keys]), torch.cat([mine.values, theirs.values])
+        return torch.cat(last), caches[0]
 
     def _merge(self, cache: DynamicCache, mask: torch.Tensor) -> None:
         if not self.rows:
@@ -199,6 +251,31 @@ class DecodeBatch:
             mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
             mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
         self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
+
+
+def _prompt_scores(
+    logits: torch.Tensor, prompt: Sequence[int], top: int
+) -> list[tuple[float, int, list[int], list[float]]]:
+    """Each prompt token after the first: its log-probability given the tokens before it (from
+    ``logits``, one row of every position, the prompt right-aligned), its rank, and the ``top``
+    most likely tokens at that position with theirs."""
+    n = len(prompt)
+    if n < 2:
+        return []
+    logp = torch.log_softmax(logits[-n:-1], dim=-1)
+    actual = torch.tensor(prompt[1:], device=logp.device)[:, None]
+    chosen = logp.gather(1, actual)
+    ranks = (logp > chosen).sum(-1) + 1
+    alternatives = logp.topk(top, dim=-1) if top else None
+    return [
+        (
+            float(chosen[j]),
+            int(ranks[j]),
+            alternatives.indices[j].tolist() if top else [],
+            alternatives.values[j].tolist() if top else [],
+        )
+        for j in range(n - 1)
+    ]
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -230,7 +307,7 @@ def choose_tokens(rows: Sequence[Row], logits: torch.Tensor) -> torch.Tensor:
 def record_logprobs(rows: Sequence[Row], logits: torch.Tensor, tokens: torch.Tensor) -> None:
     """Append each chosen token's log-probability under the model (the raw logits, before
     temperature and top-p) to the rows that asked for them."""
-    wanted = [i for i, r in enumerate(rows) if r.spec.logprobs]
+    wanted = [i for i, r in enumerate(rows) if r.spec.logprobs and r.spec.max_new_tokens]
     if not wanted:
         return
     index = torch.tensor(wanted, device=logits.device)
@@ -304,11 +381,21 @@ class DecodeLoop:
             return []
         logits = self.batch.logits(joining)
         rows = self.batch.rows
-        tokens = choose_tokens(rows, logits)
+        for row in joining:
+            if row.spec.response_format is not None:
+                row.matcher = new_matcher(row.spec.response_format, self.tokenizer, logits.shape[-1])
+        matchers = [r.matcher for r in rows]
+        # the grammar shapes the choice; the log-probabilities recorded stay the model's own
+        tokens = choose_tokens(rows, mask_logits(matchers, logits) if any(matchers) else logits)
         record_logprobs(rows, logits, tokens)
         self.batch.append(tokens)
         for row, token in zip(rows, tokens.tolist(), strict=True):
+            if not row.spec.max_new_tokens:  # a prompt scored only (OpenAI's echo with max_tokens 0)
+                row.finish = "length"
+                continue
             row.tokens.append(token)
+            if row.matcher is not None:
+                row.matcher.consume_token(token)
             self._check_end(row)
         self.batch.keep([i for i, r in enumerate(rows) if not r.done])
         return [r for r in rows if r.done]
@@ -322,8 +409,8 @@ class DecodeLoop:
         return dropped
 
     def _check_end(self, row: Row) -> None:
-        if row.tokens[-1] in self.end_ids:
-            row.finish = "end"
+        if row.tokens[-1] in self.end_ids or (row.matcher is not None and row.matcher.is_stopped()):
+            row.finish = "end"  # an end id, or the structured output is complete
         elif row.spec.stop and self._stop_in_tail(row):
             row.finish = "stop"
         elif len(row.tokens) >= row.spec.max_new_tokens:

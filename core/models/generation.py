@@ -28,6 +28,12 @@ class SamplingParams:
     logprobs: bool = False
     # With ``logprobs``: this many most likely tokens at each position (OpenAI's ``top_logprobs``).
     top_logprobs: int = 0
+    # Also score the prompt: each prompt token's log-probability given those before it, with this
+    # many most likely alternatives (vLLM's ``prompt_logprobs``; OpenAI's ``echo`` with ``logprobs``).
+    prompt_logprobs: int | None = None
+    # OpenAI's response_format the output must follow, as ``core.models.constraints.response_format_key``
+    # gives it (canonical JSON text); None: free text.
+    response_format: str | None = None
 
 
 @dataclass
@@ -40,6 +46,22 @@ class TokenLogprob:
 
 
 @dataclass
+class PromptToken:
+    """A prompt token and its log-probability given the tokens before it (``None`` for the first).
+
+    ``token_id`` and ``rank`` (1 = the model's most likely token there) are known in process and
+    from vLLM-shaped answers; ``top`` holds the most likely alternatives as (token, log-probability).
+    """
+
+    token: str
+    logprob: float | None
+    top: list[tuple[str, float]]
+    token_id: int | None = None
+    rank: int | None = None
+    top_ids: list[int] | None = None
+
+
+@dataclass
 class Completion:
     """One generated continuation."""
 
@@ -49,6 +71,8 @@ class Completion:
     stop_found: str | None = None
     mean_logprob: float | None = None
     logprobs: list[TokenLogprob] | None = None
+    # with ``SamplingParams.prompt_logprobs``: the prompt's tokens, scored
+    prompt_logprobs: list[PromptToken] | None = None
 
     def set_logprobs(self, tokens: list[TokenLogprob]) -> None:
         """Attach the tokens' log-probabilities; their mean becomes ``mean_logprob`` (0.0 for none)."""

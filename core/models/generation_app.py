@@ -26,13 +26,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, StrictBool, StrictInt, WithJsonSchema, field_validator
 
-from core.models.generation import Completion, Prompt, SamplingParams, TokenLogprob
+from core.models.constraints import response_format_key
+from core.models.generation import Completion, Prompt, PromptToken, SamplingParams, TokenLogprob
 from core.models.generation_engine import GenerationEngine
 from core.models.generation_scheduler import GenerationScheduler
 from core.serving.app import ServerSettings, add_batcher, batch_metrics, check_batch_size, create_app
@@ -68,7 +69,6 @@ _NO_OP_VALUES = {
     "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}),
     "logit_bias": (None, {}),
     "presence_penalty": (None, 0),
     "frequency_penalty": (None, 0),
@@ -79,11 +79,36 @@ _NO_OP_VALUES = {
 
 
 # Fields read as numbers (``logprobs`` is one in completions, a boolean in chat completions).
-_NUMBERS = {"n", "temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "top_logprobs"}
+_NUMBERS = {
+    "n",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "seed",
+    "top_logprobs",
+    "prompt_logprobs",
+}
 
 
 def _unsupported(field: str):
     return Annotated[Any, WithJsonSchema({"enum": list(_NO_OP_VALUES[field])})]
+
+
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: the schema the reply must satisfy."""
+
+    name: str | None = None
+    schema_: dict = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: ``text``, ``json_object`` (any JSON object) or ``json_schema``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class Sampling(BaseModel):
@@ -93,24 +118,30 @@ class Sampling(BaseModel):
     n: int = Field(1, ge=1, le=64)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, gt=0)
-    max_completion_tokens: int | None = Field(None, gt=0)
+    # 0: score the prompt only (with ``echo`` or ``prompt_logprobs``), as vLLM answers it
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
     stop: str | list[str] | None = None
     # torch seeds are 64-bit; larger values are refused (422), never an overflow inside the model call.
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: StrictBool = False
     stream_options: dict | None = None
+    # vLLM's: each prompt token's log-probability given those before it, and this many alternatives
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
     tools: _unsupported("tools") = None
     tool_choice: _unsupported("tool_choice") = None
     functions: _unsupported("functions") = None
     function_call: _unsupported("function_call") = None
-    response_format: _unsupported("response_format") = None
+    # OpenAI's structured outputs, enforced while decoding (core.models.constraints)
+    response_format: ResponseFormat | None = None
     logit_bias: _unsupported("logit_bias") = None
     presence_penalty: _unsupported("presence_penalty") = None
     frequency_penalty: _unsupported("frequency_penalty") = None
     best_of: _unsupported("best_of") = None
     echo: _unsupported("echo") = None
     suffix: _unsupported("suffix") = None
+    # fields of _NO_OP_VALUES that a route does implement
+    supported: ClassVar[frozenset[str]] = frozenset()
 
     @field_validator("*", mode="before")
     @classmethod
@@ -120,7 +151,9 @@ class Sampling(BaseModel):
 
 def refuse_unsupported(req: Sampling) -> None:
     """400 naming every field that asks for something this server does not do."""
-    asked = [name for name, no_ops in _NO_OP_VALUES.items() if getattr(req, name) not in no_ops]
+    asked = [
+        name for name, no_ops in _NO_OP_VALUES.items() if name not in req.supported and getattr(req, name) not in no_ops
+    ]
     if asked:
         raise APIError(400, f"not supported by this server: {', '.join(asked)}; leave them unset")
 
@@ -152,6 +185,10 @@ class CompletionRequest(Sampling):
     # an empty one is refused by the route, with its index
     prompt: Annotated[str | list[str] | list[StrictInt] | list[list[StrictInt]], WithJsonSchema(PROMPT_SCHEMA)]
     logprobs: int | None = Field(None, ge=0, le=20)
+    # OpenAI's: the prompt comes back before the completion, in the text and (with ``logprobs``)
+    # its tokens in the log-probabilities, the first one's ``null``
+    echo: StrictBool = False
+    supported: ClassVar[frozenset[str]] = frozenset({"echo"})
 
     @field_validator("logprobs", mode="before")
     @classmethod
@@ -191,6 +228,8 @@ class TextChoice(_Choice):
     """One text completion choice."""
 
     text: str
+    # vLLM's shape: null for the first prompt token, then {token id: {logprob, rank, decoded_token}}
+    prompt_logprobs: list[dict | None] | None = None
 
 
 class _Completion(BaseModel):
@@ -205,6 +244,7 @@ class ChatCompletion(_Completion):
 
     object: Literal["chat.completion"]
     choices: list[ChatChoice]
+    prompt_logprobs: list[dict | None] | None = None
 
 
 class TextCompletion(_Completion):
@@ -232,28 +272,52 @@ def _chat_logprobs(tokens: list[TokenLogprob]) -> dict:
     }
 
 
-def _completion_logprobs(tokens: list[TokenLogprob]) -> dict:
+def _completion_logprobs(tokens: list[TokenLogprob], prompt: list[PromptToken] = (), top: int = 0) -> dict:
+    """Completions' log-probability arrays; with ``echo``, the ``prompt`` tokens first (the first
+    one's log-probability and alternatives ``null``, the others' ``top`` alternatives)."""
     offsets, at = [], 0
-    for t in tokens:
+    for t in [*prompt, *tokens]:
         offsets.append(at)
         at += len(t.token)
+    prompt_top = [None if t.logprob is None else dict(t.top[:top]) for t in prompt]
     return {
         "text_offset": offsets,
-        "token_logprobs": [t.logprob for t in tokens],
-        "tokens": [t.token for t in tokens],
-        "top_logprobs": [dict(t.top) for t in tokens],
+        "token_logprobs": [t.logprob for t in prompt] + [t.logprob for t in tokens],
+        "tokens": [t.token for t in prompt] + [t.token for t in tokens],
+        "top_logprobs": prompt_top + [dict(t.top) for t in tokens],
     }
 
 
-def _choice(index: int, c: Completion, chat: bool) -> dict:
+def _vllm_prompt_logprobs(tokens: list[PromptToken]) -> list[dict | None]:
+    """vLLM's ``prompt_logprobs``: ``null`` for the first token, then per token a dict by token id
+    of the token itself and its most likely alternatives: ``{logprob, rank, decoded_token}``."""
+    out: list[dict | None] = [None]
+    for t in tokens[1:]:
+        entry = {str(t.token_id): {"logprob": t.logprob, "rank": t.rank, "decoded_token": t.token}}
+        for rank, (token_id, (piece, value)) in enumerate(zip(t.top_ids or [], t.top, strict=True), start=1):
+            entry.setdefault(str(token_id), {"logprob": value, "rank": rank, "decoded_token": piece})
+        out.append(entry)
+    return out
+
+
+def _choice(
+    index: int, c: Completion, chat: bool, echo: str | None = None, top: int = 0, prompt_logprobs: bool = False
+) -> dict:
+    """One choice; ``echo`` is the prompt's text, which then comes first (completions), with the
+    prompt tokens' ``top`` alternatives; ``prompt_logprobs`` adds vLLM's field of that name."""
     logprobs = None
     if c.logprobs is not None:
-        logprobs = _chat_logprobs(c.logprobs) if chat else _completion_logprobs(c.logprobs)
+        if chat:
+            logprobs = _chat_logprobs(c.logprobs)
+        else:
+            logprobs = _completion_logprobs(c.logprobs, c.prompt_logprobs if echo is not None else (), top)
     body = {"index": index, "finish_reason": c.finish_reason, "stop_reason": c.stop_found, "logprobs": logprobs}
     if chat:
         body["message"] = {"role": "assistant", "content": c.text}
     else:
-        body["text"] = c.text
+        body["text"] = c.text if echo is None else echo + c.text
+        if prompt_logprobs:
+            body["prompt_logprobs"] = _vllm_prompt_logprobs(c.prompt_logprobs)
     return body
 
 
@@ -319,9 +383,17 @@ def generation_app(
             raise APIError(
                 404, f"The model `{req.model}` does not exist; this server serves `{engine.name}`", "not_found"
             )
-        max_tokens = req.max_completion_tokens or req.max_tokens or default_tokens
+        max_tokens = next(v for v in (req.max_completion_tokens, req.max_tokens, default_tokens) if v is not None)
         if max_tokens >= engine.max_model_len:
             raise APIError(400, f"max_tokens {max_tokens} must be below the model's context {engine.max_model_len}")
+        response_format = None
+        if req.response_format is not None:
+            if req.response_format.type == "json_schema" and req.response_format.json_schema is None:
+                raise APIError(400, "response_format json_schema needs {json_schema: {name, schema}}")
+            response_format = response_format_key(req.response_format.model_dump(by_alias=True))
+        prompt_logprobs = req.prompt_logprobs
+        if getattr(req, "echo", False) and top_logprobs is not None:  # echoed tokens carry log-probabilities
+            prompt_logprobs = max(prompt_logprobs or 0, top_logprobs)
         return SamplingParams(
             n=req.n,
             temperature=req.temperature,
@@ -330,6 +402,8 @@ def generation_app(
             seed=req.seed,
             logprobs=top_logprobs is not None,
             top_logprobs=top_logprobs or 0,
+            prompt_logprobs=prompt_logprobs,
+            response_format=response_format,
         )
 
     def check_prompts(prompts: list[Prompt], params: SamplingParams) -> list[list[int]]:
@@ -360,14 +434,32 @@ def generation_app(
         stops = [stop] if isinstance(stop, str) else stop
         return await decode(ids, params, stops), sum(len(p) for p in ids)
 
-    def respond(req: Sampling, kind: str, generated: tuple[list[list[Completion]], int], chat: bool):
-        body = response(kind, *generated, chat)
+    def respond(
+        req: Sampling,
+        kind: str,
+        generated: tuple[list[list[Completion]], int],
+        chat: bool,
+        echo: list[str] | None = None,
+    ):
+        """The answer to ``req``; ``echo``: the prompts' texts, to come before their completions."""
+        groups, prompt_tokens = generated
+        top = getattr(req, "logprobs", None) or 0
+        scored = req.prompt_logprobs is not None
+        choices = [
+            _choice(i * len(g) + j, c, chat, echo[i] if echo else None, top, scored and not chat)
+            for i, g in enumerate(groups)
+            for j, c in enumerate(g)
+        ]
+        body = response(kind, choices, groups, prompt_tokens, chat)
+        if chat and scored:  # vLLM gives the chat prompt's log-probabilities beside the choices
+            body["prompt_logprobs"] = _vllm_prompt_logprobs(groups[0][0].prompt_logprobs)
         if req.stream:
             return _sse(body, chat, bool((req.stream_options or {}).get("include_usage")))
         return body
 
-    def response(kind: str, groups: list[list[Completion]], prompt_tokens: int, chat: bool) -> dict:
-        choices = [_choice(i * len(g) + j, c, chat) for i, g in enumerate(groups) for j, c in enumerate(g)]
+    def response(
+        kind: str, choices: list[dict], groups: list[list[Completion]], prompt_tokens: int, chat: bool
+    ) -> dict:
         completion_tokens = sum(c.completion_tokens for g in groups for c in g)
         return {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
@@ -415,7 +507,9 @@ def generation_app(
         params = sampling(req, 16, req.logprobs)  # 16: OpenAI's and vLLM's default for plain completions
         one = isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int))
         prompts = [req.prompt] if one else req.prompt
-        return respond(req, "text_completion", await generate(prompts, params, req.stop), chat=False)
+        generated = await generate(prompts, params, req.stop)
+        echo = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts] if req.echo else None
+        return respond(req, "text_completion", generated, chat=False, echo=echo)
 
     app.state.generate = generate
     return app

@@ -8,10 +8,11 @@ as lists to ``/v1/completions``.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from core.models.generation import Completion, Message, SamplingParams, TokenLogprob
+from core.models.generation import Completion, Message, PromptToken, SamplingParams, TokenLogprob
 from core.serving.http import HTTPClient, chunks
 
 
@@ -25,6 +26,7 @@ def _token_logprobs(logprobs: dict | None) -> list[TokenLogprob] | None:
             for t in logprobs["content"] or []
         ]
     tops = logprobs.get("top_logprobs") or [None] * len(logprobs["tokens"])
+    # (an echoed prompt's first token has a null log-probability and no alternatives)
     return [
         TokenLogprob(token, value, list((top or {}).items()))
         for token, value, top in zip(logprobs["tokens"], logprobs["token_logprobs"], tops, strict=True)
@@ -40,10 +42,26 @@ def _completion(choice: dict, tokens: int) -> Completion:
         text, choice.get("finish_reason") or "stop", tokens, stop_reason if isinstance(stop_reason, str) else None
     )
     logprobs = _token_logprobs(choice.get("logprobs"))
-    if logprobs:
+    if logprobs and logprobs[0].logprob is None:  # echoed: split by _split_echo
+        completion.logprobs = logprobs
+    elif logprobs:
         completion.set_logprobs(logprobs)
     elif logprobs is not None:
         completion.logprobs = logprobs
+    return completion
+
+
+def _split_echo(completion: Completion, prompt: str, prompt_tokens: int, keep_logprobs: bool) -> Completion:
+    """An echoed choice (``echo: true``) of a one-prompt request cut back into the prompt's
+    ``prompt_tokens`` scored tokens and the completion."""
+    tokens = completion.logprobs or []
+    k = prompt_tokens
+    completion.prompt_logprobs = [PromptToken(t.token, t.logprob, t.top) for t in tokens[:k]]
+    completion.text = completion.text[len(prompt) :]
+    if keep_logprobs:
+        completion.set_logprobs(tokens[k:])
+    else:
+        completion.logprobs = completion.mean_logprob = None
     return completion
 
 
@@ -110,12 +128,23 @@ class GenerationClient:
         }
         if params.seed is not None:
             body["seed"] = params.seed
+        if params.response_format is not None:  # back into OpenAI's shape
+            spec = json.loads(params.response_format)
+            body["response_format"] = (
+                {"type": "json_schema", "json_schema": {"name": "reply", "schema": spec["schema"]}}
+                if spec["type"] == "json_schema"
+                else spec
+            )
         if stop:
             body["stop"] = list(stop)
         if params.logprobs and chat:
             body.update(logprobs=True, top_logprobs=params.top_logprobs)
         elif params.logprobs:
             body["logprobs"] = params.top_logprobs
+        if params.prompt_logprobs is not None and not chat:
+            # OpenAI's echo, which vLLM and our server answer alike (vLLM's own prompt_logprobs
+            # does not say which of its entries is the prompt's token)
+            body.update(echo=True, logprobs=max(params.top_logprobs, params.prompt_logprobs))
         return body
 
     def chat(
@@ -142,8 +171,21 @@ class GenerationClient:
     def complete(
         self, prompts: Sequence[str], params: SamplingParams = SamplingParams(), stop: Sequence[str] | None = None
     ) -> list[list[Completion]]:
-        """``params.n`` continuations for each prompt."""
+        """``params.n`` continuations for each prompt; with ``params.prompt_logprobs``, each
+        completion also carries its prompt's tokens, scored (``Completion.prompt_logprobs``)."""
         base = self._sampling(params, stop, chat=False)
+        if params.prompt_logprobs is not None:
+            # one prompt a request (sent concurrently), so the answer's prompt_tokens says where
+            # each echoed prompt ends, whatever the tokenizer
+            def scored(prompt: str) -> list[Completion]:
+                body = self.http.post("/v1/completions", {**base, "prompt": prompt})
+                tokens = int(body["usage"]["prompt_tokens"])
+                return [
+                    _split_echo(c, prompt, tokens, params.logprobs) for c in _choices_by_prompt(body, 1, params.n)[0]
+                ]
+
+            with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(prompts)))) as pool:
+                return list(pool.map(scored, prompts))
         out: list[list[Completion]] = []
         for part in chunks(list(prompts), self.prompts_per_request):
             body = self.http.post("/v1/completions", {**base, "prompt": list(part)})

@@ -7,8 +7,17 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from core.models.constraints import check_format
 from core.models.decoding import DecodeLoop, Row, RowSpec
-from core.models.generation import Completion, Message, Prompt, SamplingParams, TokenLogprob, apply_stop
+from core.models.generation import (
+    Completion,
+    Message,
+    Prompt,
+    PromptToken,
+    SamplingParams,
+    TokenLogprob,
+    apply_stop,
+)
 from core.models.loading import (
     build_causal_lm,
     device_for,
@@ -120,6 +129,8 @@ class GenerationEngine:
     ) -> list[Row]:
         """The decode-loop rows of a request: ``rows_per_prompt`` per prompt, sharing one seeded
         generator when ``params.seed`` is set."""
+        if params.response_format is not None:  # refused before any model work when it cannot be enforced
+            check_format(params.response_format, self.tokenizer, int(self.model.config.vocab_size))
         generator = None if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
         spec = RowSpec(
             max_new_tokens=params.max_tokens,
@@ -128,6 +139,8 @@ class GenerationEngine:
             stop=tuple(s for s in stop or () if s),
             logprobs=params.logprobs,
             top_logprobs=params.top_logprobs,
+            prompt_logprobs=params.prompt_logprobs,
+            response_format=params.response_format,
         )
         max_input = max(8, self.max_model_len - params.max_tokens)
         rows = []
@@ -156,6 +169,12 @@ class GenerationEngine:
                     for k, (t, value) in enumerate(zip(row.tokens, row.logprobs, strict=True))
                 ]
             )
+        if row.prompt_scores is not None:
+            first = PromptToken(self._piece(row.prompt[0]), None, [], row.prompt[0], None, [])
+            completion.prompt_logprobs = [first] + [
+                PromptToken(self._piece(t), value, self._alternatives((ids, values)), t, rank, ids)
+                for t, (value, rank, ids, values) in zip(row.prompt[1:], row.prompt_scores, strict=True)
+            ]
         return completion
 
     def _piece(self, token: int) -> str:
