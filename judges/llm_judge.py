@@ -2,7 +2,8 @@
 
 For every (completion, reference) pair the judge prompt is rendered from a template and the
 generator answers. In ``text`` mode ``REWARD: <score>`` is read from the reply (thinking blocks
-removed, clamped to [0, 1]); in ``logprobs`` mode the score is p(yes) of a yes/no answer, from
+removed, clamped to [0, 1]); in ``json`` mode it is the ``score`` of a reply whose JSON schema
+the generator enforces while decoding; in ``logprobs`` mode the score is p(yes) of a yes/no answer, from
 the first token's log-probabilities (see ``judges.prompts``). A completion's score is its best
 score over the references. When the generation server fails the pair scores 0.0 (never an
 exception into the trainer) and the failure is counted in ``stats`` and logged; a reply that
@@ -31,9 +32,10 @@ class LLMJudgeReward:
 
     Args:
         generator: a ``GenerationEngine`` (in-process) or ``GenerationClient`` (OpenAI-compatible server).
-        mode: ``text`` (parse ``REWARD: x``) or ``logprobs`` (p(yes) of one greedy token).
+        mode: ``text`` (parse ``REWARD: x``), ``json`` (``{"score", "reason"}``, schema enforced) or
+            ``logprobs`` (p(yes) of one greedy token).
         prompt_template: ``default``, ``detailed``, ``yes_no`` or a custom string with the placeholders.
-        temperature, top_p, max_new_tokens, enable_thinking: the judge's sampling in ``text`` mode.
+        temperature, top_p, max_new_tokens, enable_thinking: the judge's sampling in ``text`` and ``json`` modes.
         batch_size: judge prompts sent per generator call.
 
     Per-sample ``extra_info`` may override every argument above and ``server_url``, ``api_key``,

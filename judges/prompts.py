@@ -7,14 +7,19 @@ Two ways to read a judge:
 * ``logprobs``: the judge is asked a yes/no question (``yes_no`` template) and the score is
   p(yes) / (p(yes) + p(no)) of its first token, read from the OpenAI API's ``top_logprobs``
   (which vLLM serves too); it needs one generated token and works with small judges.
+* ``json``: the judge replies with ``{"score": <0 to 1>, "reason": "..."}``, enforced while it
+  decodes (OpenAI's ``response_format`` with a JSON schema, which vLLM serves with guided decoding
+  and our server with llguidance), so every reply parses (``json`` template).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Sequence
 
+from core.models.constraints import response_format_key
 from core.models.generation import Completion, SamplingParams
 
 PLACEHOLDERS = ("{PROBLEM}", "{REFERENCE_SOLUTION}", "{CANDIDATE_SOLUTION}")
@@ -47,8 +52,25 @@ TEMPLATES = {
         "Candidate answer: {CANDIDATE_SOLUTION}\n"
         "Is the candidate answer correct? Answer yes or no."
     ),
+    "json": (
+        "Question: {PROBLEM}\n"
+        "Reference answer: {REFERENCE_SOLUTION}\n"
+        "Candidate answer: {CANDIDATE_SOLUTION}\n"
+        "How correct is the candidate answer? Reply in JSON with a score between 0 (wrong) and 1 "
+        "(correct) and a short reason."
+    ),
 }
-MODES = ("text", "logprobs")
+MODES = ("text", "logprobs", "json")
+# The reply json mode enforces: a score in [0, 1] and a short reason.
+JSON_REPLY = {
+    "type": "object",
+    "properties": {
+        "score": {"type": "number", "minimum": 0, "maximum": 1},
+        "reason": {"type": "string", "maxLength": 160},
+    },
+    "required": ["score", "reason"],
+    "additionalProperties": False,
+}
 # Alternatives read at the first generated position in logprobs mode (vLLM's default cap is 20).
 TOP_LOGPROBS = 20
 
@@ -118,12 +140,15 @@ def yes_probability(top: Sequence[tuple[str, float]]) -> float | None:
 
 
 def judge_sampling(mode: str, temperature: float, top_p: float, max_tokens: int) -> SamplingParams:
-    """How the judge generates: the given sampling in ``text`` mode, one greedy token with its
-    alternatives in ``logprobs`` mode."""
+    """How the judge generates: the given sampling in ``text`` mode, with the reply's JSON schema
+    enforced in ``json`` mode, one greedy token with its alternatives in ``logprobs`` mode."""
     if mode not in MODES:
         raise ValueError(f"judge mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "logprobs":
         return SamplingParams(n=1, temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=TOP_LOGPROBS)
+    if mode == "json":
+        reply = response_format_key({"type": "json_schema", "json_schema": {"name": "judgement", "schema": JSON_REPLY}})
+        return SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens, response_format=reply)
     return SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
 
 
@@ -131,6 +156,12 @@ def judge_score(mode: str, completion: Completion) -> float | None:
     """The score a judge's answer gives in ``mode``, or None when it gives none."""
     if mode == "text":
         return parse_reward(completion.text)
+    if mode == "json":
+        try:
+            score = json.loads(completion.text)["score"]
+        except (ValueError, KeyError, TypeError):  # cut short by max_tokens, or a server that ignored the schema
+            return None
+        return min(1.0, max(0.0, float(score))) if isinstance(score, (int, float)) else None
     if not completion.logprobs:  # a server that ignored the logprobs request
         return None
     return yes_probability(completion.logprobs[0].top)

@@ -101,9 +101,9 @@ def test_a_short_request_is_answered_while_a_long_one_still_decodes(oai):
 
 
 def test_the_official_client_shows_our_error_messages(oai):
-    with pytest.raises(openai.BadRequestError, match="not supported by this server: response_format"):
+    with pytest.raises(openai.BadRequestError, match="not supported by this server: logit_bias"):
         oai.chat.completions.create(
-            model="tiny-qwen2", messages=[{"role": "user", "content": "x"}], response_format={"type": "json_object"}
+            model="tiny-qwen2", messages=[{"role": "user", "content": "x"}], logit_bias={"5": 10}
         )
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         oai.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
@@ -135,9 +135,9 @@ def test_api_key_is_enforced(judge_server):
         ("/v1/chat/completions", dict(json={"messages": [{"role": "user", "content": "x"}], "n": 0}), 422, "n"),
         (
             "/v1/chat/completions",
-            dict(json={"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}),
-            400,
-            "not supported by this server: response_format",
+            dict(json={"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}}),
+            422,
+            "response_format",
         ),
         (
             "/v1/chat/completions",

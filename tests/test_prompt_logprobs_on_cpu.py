@@ -88,6 +88,7 @@ def test_our_client_scores_prompts_as_the_engine_does(engine, server):
         assert [t.logprob for t in s.prompt_logprobs] == pytest.approx([t.logprob for t in e.prompt_logprobs], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_likelihood_reward_orders_real_answers_and_is_the_same_served(smollm2_server, smollm2_cfg):
     rows = [json.loads(line) for line in files("core").joinpath("data/sample_qa.jsonl").read_text().splitlines()]
     samples = [RewardSample(r["completion"], r["ground_truth"], r["prompt"]) for r in rows]

@@ -39,7 +39,8 @@ def response_format_key(response_format: dict | None) -> str | None:
         spec = response_format.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
             raise ValueError("response_format json_schema needs {json_schema: {name, schema: {...}}}")
-        return json.dumps({"type": "json_schema", "schema": spec.get("schema") or {}}, sort_keys=True)
+        # keys in the order given: a schema's property order is the order the reply is written in
+        return json.dumps({"type": "json_schema", "schema": spec.get("schema") or {}})
     raise ValueError(f"response_format type must be text, json_object or json_schema, not {kind!r}")
 
 

@@ -92,6 +92,8 @@ class Row:
         return dataclasses.replace(self, tokens=list(self.tokens), logprobs=list(self.logprobs), top=list(self.top))
 
 
+# Temperatures below this decode greedily (as vLLM's): dividing logits by 1e-145 overflows to inf.
+GREEDY_BELOW = 1e-5
 # Every-position logits a prefill that scores prompts may hold at once (float32).
 PROMPT_LOGITS_BYTES = 1 << 30
 
@@ -297,7 +299,7 @@ def choose_tokens(rows: Sequence[Row], logits: torch.Tensor) -> torch.Tensor:
     for (temperature, top_p, _), members in groups.items():
         index = torch.tensor(members, device=logits.device)
         part = logits if len(members) == len(rows) else logits[index]  # one group: no copy
-        if temperature <= 0:
+        if temperature < GREEDY_BELOW:
             tokens[index] = part.argmax(-1)
         else:
             tokens[index] = sample_nucleus(part, temperature, top_p, rows[members[0]].generator)
@@ -307,7 +309,7 @@ def choose_tokens(rows: Sequence[Row], logits: torch.Tensor) -> torch.Tensor:
 def record_logprobs(rows: Sequence[Row], logits: torch.Tensor, tokens: torch.Tensor) -> None:
     """Append each chosen token's log-probability under the model (the raw logits, before
     temperature and top-p) to the rows that asked for them."""
-    wanted = [i for i, r in enumerate(rows) if r.spec.logprobs and r.spec.max_new_tokens]
+    wanted = [i for i, r in enumerate(rows) if r.spec.logprobs and r.spec.max_new_tokens and not r.done]
     if not wanted:
         return
     index = torch.tensor(wanted, device=logits.device)
@@ -385,11 +387,20 @@ class DecodeLoop:
             if row.spec.response_format is not None:
                 row.matcher = new_matcher(row.spec.response_format, self.tokenizer, logits.shape[-1])
         matchers = [r.matcher for r in rows]
-        # the grammar shapes the choice; the log-probabilities recorded stay the model's own
-        tokens = choose_tokens(rows, mask_logits(matchers, logits) if any(matchers) else logits)
+        choosing = logits
+        if any(matchers):
+            # the grammar shapes the choice; the log-probabilities recorded stay the model's own
+            choosing = mask_logits(matchers, logits)
+            for i in (choosing.amax(-1) == float("-inf")).nonzero().flatten().tolist():
+                # no token of this model's vocabulary continues the grammar: the row ends here
+                rows[i].finish = "length"
+                choosing[i] = logits[i]
+        tokens = choose_tokens(rows, choosing)
         record_logprobs(rows, logits, tokens)
         self.batch.append(tokens)
         for row, token in zip(rows, tokens.tolist(), strict=True):
+            if row.done:
+                continue
             if not row.spec.max_new_tokens:  # a prompt scored only (OpenAI's echo with max_tokens 0)
                 row.finish = "length"
                 continue

@@ -24,13 +24,14 @@ fields this server cannot honour (tools, response formats, penalties, ...) are r
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field, StrictBool, StrictInt, WithJsonSchema, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, WithJsonSchema, field_validator
 
 from core.models.constraints import response_format_key
 from core.models.generation import Completion, Prompt, PromptToken, SamplingParams, TokenLogprob
@@ -39,6 +40,8 @@ from core.models.generation_scheduler import GenerationScheduler
 from core.serving.app import ServerSettings, add_batcher, batch_metrics, check_batch_size, create_app
 from core.serving.errors import APIError
 from core.serving.schemas import ModelList
+
+log = logging.getLogger(__name__)
 
 
 class TextPart(BaseModel):
@@ -112,7 +115,10 @@ class ResponseFormat(BaseModel):
 
 
 class Sampling(BaseModel):
-    """Sampling fields shared by both generation routes."""
+    """Sampling fields shared by both generation routes. Fields it does not know are accepted and
+    logged once per name (as vLLM does), so a client's extra options never fail a request."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     n: int = Field(1, ge=1, le=64)
@@ -377,8 +383,13 @@ def generation_app(
     else:
         raise ValueError(f"scheduling must be 'iteration' or 'batch', not {scheduling!r}")
 
+    ignored: set[str] = set()
+
     def sampling(req: Sampling, default_tokens: int, top_logprobs: int | None) -> SamplingParams:
         refuse_unsupported(req)
+        for name in sorted(set(req.model_extra or ()) - ignored):
+            ignored.add(name)
+            log.warning("%s: request field %r is not known to this server and is ignored", title, name)
         if req.model is not None and req.model != engine.name:
             raise APIError(
                 404, f"The model `{req.model}` does not exist; this server serves `{engine.name}`", "not_found"

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from core.models.constraints import check_format
-from core.models.decoding import DecodeLoop, Row, RowSpec
+from core.models.decoding import GREEDY_BELOW, DecodeLoop, Row, RowSpec
 from core.models.generation import (
     Completion,
     Message,
@@ -92,7 +92,7 @@ class GenerationEngine:
 
     def rows_per_prompt(self, params: SamplingParams) -> int:
         """Sequences decoded per prompt (greedy decoding gives the same one ``n`` times: decoded once)."""
-        return params.n if params.temperature > 0 else 1
+        return params.n if params.temperature >= GREEDY_BELOW else 1
 
     def check_budget(self, prompt_tokens: int, params: SamplingParams) -> None:
         """Refuse (``ValueError``) a prompt whose rows alone would not fit one ``generate`` call."""

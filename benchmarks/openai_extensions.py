@@ -1,0 +1,159 @@
+"""The OpenAI server's prompt log-probabilities and structured outputs, on the real SmolLM2, each
+comparison side by side in this one run:
+
+1. lm-eval's loglikelihood requests (``echo``, ``logprobs: 1``, token-id prompts), sent by lm-eval's
+   own ``local-completions`` model at ``num_concurrent`` 4 vs 1: requests/s (batching across requests);
+2. a 512-token prompt scored (``max_tokens: 0``, ``prompt_logprobs``): served vs in process, and
+   the number of model forwards it took;
+3. JSON-schema constrained decoding vs free decoding of the same rows: generated tokens/s, and how
+   many of 200 sampled constrained replies parse and satisfy the schema.
+
+    python benchmarks/openai_extensions.py [--items 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import jsonschema
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import best_time, report  # noqa: E402
+from core.models.constraints import response_format_key  # noqa: E402
+from core.models.generation import SamplingParams  # noqa: E402
+from core.models.generation_engine import GenerationEngine  # noqa: E402
+from core.models.loading import SMOLLM2_ID, resolve_path  # noqa: E402
+from core.serving.local_server import ROOT, LocalServer  # noqa: E402
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "answer": {"type": "string", "minLength": 20, "maxLength": 120},
+        "confidence": {"type": "integer", "minimum": 0, "maximum": 100},
+    },
+    "required": ["answer", "confidence"],
+    "additionalProperties": False,
+}
+
+
+def lm_eval_rate(url: str, items: int, concurrent: int, folder: Path) -> float:
+    """Loglikelihood requests/s of lm-eval's ``local-completions`` at ``num_concurrent``."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    data = folder / "mc.jsonl"
+    rows = [
+        {"q": f"What is {i} plus {i}?", "choices": [str(2 * i), str(2 * i + 1), str(i), str(3 * i)]}
+        for i in range(items)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "mc.yaml").write_text(
+        f"task: bench_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        'output_type: multiple_choice\ndoc_to_text: "Question: {{q}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\n'
+        "doc_to_target: 0\nmetric_list:\n  - metric: acc\n"
+    )
+    args = f"model={SMOLLM2_ID},base_url={url}/v1/completions,tokenizer_backend=huggingface,"
+    args += f"tokenizer={resolve_path(SMOLLM2_ID)},num_concurrent={concurrent}"
+    started = time.perf_counter()
+    lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args=args,
+        tasks=["bench_mc"],
+        task_manager=TaskManager(include_path=str(folder), include_defaults=False),
+    )
+    return items * 4 / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=24)
+    args = parser.parse_args()
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/smollm2-135m.yaml"), resolve=True)
+    engine = GenerationEngine(cfg)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, LocalServer(tmp, "service=llm_judge").start(timeout=300) as server:
+        lm_eval_rate(server.url, 4, 1, Path(tmp))  # warm-up
+        one = lm_eval_rate(server.url, args.items, 1, Path(tmp))
+        four = lm_eval_rate(server.url, args.items, 4, Path(tmp))
+        rows.append(
+            (
+                f"lm-eval loglikelihood, {args.items * 4} requests: num_concurrent 4 / 1, req/s",
+                f"{four:.1f}/s",
+                f"{one:.1f}/s",
+                f"{four / one:.2f}x",
+            )
+        )
+
+        prompt = engine.token_ids([" ".join(f"word{i}" for i in range(400))])[0][:512]
+        score = SamplingParams(max_tokens=0, temperature=0.0, prompt_logprobs=0)
+        body = {"prompt": prompt, "max_tokens": 0, "prompt_logprobs": 0, "model": SMOLLM2_ID}
+        with httpx.Client(timeout=120) as http:
+            served = best_time(lambda: http.post(f"{server.url}/v1/completions", json=body).raise_for_status(), 3)
+        before = engine.generate_calls
+        local = best_time(lambda: engine.complete([prompt], score), 3)
+        loops = engine.generate_calls - before
+        rows.append(
+            (
+                f"{len(prompt)}-token prompt scored: served / in process time",
+                f"{served * 1000:.0f} ms",
+                f"{local * 1000:.0f} ms",
+                f"{served / local:.2f}x",
+            )
+        )
+        rows.append(("  decode loops per scoring call (one prefill forward each)", f"{loops / 4:.0f}", "", ""))
+
+    key = response_format_key({"type": "json_schema", "json_schema": {"name": "reply", "schema": SCHEMA}})
+    chats = [[{"role": "user", "content": f"Question {i}: name a colour, and say why, as JSON."}] for i in range(8)]
+    constrained = SamplingParams(n=4, temperature=1.0, top_p=0.95, max_tokens=96, response_format=key, seed=1)
+    free = SamplingParams(n=4, temperature=1.0, top_p=0.95, max_tokens=96, seed=1)
+
+    def rate(params):
+        started = time.perf_counter()
+        out = engine.chat(chats, params)
+        return sum(c.completion_tokens for g in out for c in g) / (time.perf_counter() - started), out
+
+    rate(constrained)  # warm-up (the tokenizer's grammar view is built once)
+    c_rate, f_rate = 0.0, 0.0
+    for _ in range(2):
+        c_rate = max(c_rate, rate(constrained)[0])
+        f_rate = max(f_rate, rate(free)[0])
+    rows.append(
+        (
+            "decode, 32 rows: JSON-schema constrained / free, tokens/s",
+            f"{c_rate:.0f}/s",
+            f"{f_rate:.0f}/s",
+            f"{c_rate / f_rate:.2f}x",
+        )
+    )
+    # Room for the longest reply the schema allows (a 120-character answer can take 120 tokens).
+    roomy = SamplingParams(**{**constrained.__dict__, "max_tokens": 192})
+    valid, cut = 0, 0
+    for seed in range(7):  # 7 x 32 = 224 sampled replies
+        for group in engine.chat(chats, SamplingParams(**{**roomy.__dict__, "seed": seed})):
+            for reply in group:
+                try:
+                    jsonschema.validate(json.loads(reply.text), SCHEMA)
+                    valid += 1
+                except (ValueError, jsonschema.ValidationError):
+                    cut += reply.finish_reason == "length"
+    rows.append(
+        (
+            "constrained replies (max_tokens 192) that parse and satisfy the schema",
+            f"{valid}/224",
+            f"{cut} cut by max_tokens",
+            f"{valid / 224:.0%}",
+        )
+    )
+    report("OpenAI server extensions (CPU, SmolLM2-135M-Instruct)", rows)
+
+
+if __name__ == "__main__":
+    main()
