@@ -45,7 +45,8 @@ class JudgeRequest(BaseModel):
     prompt_template: Annotated[str, WithJsonSchema(TEMPLATE_SCHEMA)] = "default"
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     top_p: float = Field(0.8, gt=0.0, le=1.0)
-    max_new_tokens: PositiveInt = 512
+    # null: the server's default_max_tokens (512 as configured, the reference judge's default)
+    max_new_tokens: PositiveInt | None = None
     enable_thinking: bool = False
 
 
@@ -68,7 +69,8 @@ def judge_app(engine: GenerationEngine, settings: ServerSettings, **generation) 
     async def _judge(req: JudgeRequest):
         resolve_template(req.prompt_template)  # an unknown template name: ValueError, a 400
         check_batch_size(len(req.items), settings, "items")
-        params = judge_sampling(req.mode, req.temperature, req.top_p, req.max_new_tokens)
+        max_new_tokens = req.max_new_tokens or generation.get("default_max_tokens", 512)
+        params = judge_sampling(req.mode, req.temperature, req.top_p, max_new_tokens)
         prompts = [
             engine.render_chat(
                 [{"role": "user", "content": render(req.prompt_template, it.problem, it.reference, it.candidate)}],
