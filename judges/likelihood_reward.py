@@ -84,7 +84,14 @@ class ReferenceLikelihoodReward:
             context = self.context_template.format(prompt=s.prompt or "", completion=s.completion)
             for ref in references(s.ground_truth):
                 pairs.append((i, context, self.continuation_template.format(reference=ref)))
-        todo = list(dict.fromkeys((c, r) for _, c, r in pairs if self.cache.get((c, r)) is None))
+        # this call's scores: the cache's, then the new ones (a batch larger than the cache would
+        # otherwise lose some to eviction before they are read)
+        found = {}
+        for _, context, continuation in pairs:
+            cached = self.cache.get((context, continuation))
+            if cached is not None:
+                found[context, continuation] = cached
+        todo = list(dict.fromkeys((c, r) for _, c, r in pairs if (c, r) not in found))
         failed = set()
         for part in chunks(todo, self.batch_size):
             try:
@@ -96,7 +103,8 @@ class ReferenceLikelihoodReward:
                 continue
             self.stats["texts_scored"] += len(part)
             for (context, continuation), group in zip(part, scored, strict=True):
-                self.cache.put((context, continuation), continuation_score(group[0], len(context)))
+                found[context, continuation] = continuation_score(group[0], len(context))
+                self.cache.put((context, continuation), found[context, continuation])
         scores = [0.0] * len(samples)
         failed_samples, scored_samples = set(), set()
         for i, context, continuation in pairs:
@@ -104,7 +112,7 @@ class ReferenceLikelihoodReward:
                 failed_samples.add(i)
             else:
                 scored_samples.add(i)
-                scores[i] = max(scores[i], self.cache.get((context, continuation)))
+                scores[i] = max(scores[i], found[context, continuation])
         mark_unscored(sorted(failed_samples - scored_samples), "the likelihood server failed")
         self.stats["samples"] += len(samples)
         return scores

@@ -92,13 +92,11 @@ def new_matcher(key: str, tokenizer, vocab_size: int):
 
 def mask_logits(matchers: list, logits: torch.Tensor) -> torch.Tensor:
     """A copy of ``logits`` where each row with a matcher keeps only the tokens its grammar allows
-    next (``matchers[i]`` ``None``: row ``i`` is free)."""
+    next (``matchers[i]`` ``None``: row ``i`` is free; at least one row has a matcher)."""
     import llguidance.torch as lt
 
     constrained = [i for i, m in enumerate(matchers) if m is not None]
     masked = logits.clone()
-    if not constrained:
-        return masked
     bitmask = lt.allocate_token_bitmask(len(constrained), logits.shape[-1])
     for k, i in enumerate(constrained):
         lt.fill_next_token_bitmask(matchers[i], bitmask, k)

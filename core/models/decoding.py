@@ -265,19 +265,14 @@ def _prompt_scores(
     if n < 2:
         return []
     logp = torch.log_softmax(logits[-n:-1], dim=-1)
-    actual = torch.tensor(prompt[1:], device=logp.device)[:, None]
-    chosen = logp.gather(1, actual)
-    ranks = (logp > chosen).sum(-1) + 1
-    alternatives = logp.topk(top, dim=-1) if top else None
-    return [
-        (
-            float(chosen[j]),
-            int(ranks[j]),
-            alternatives.indices[j].tolist() if top else [],
-            alternatives.values[j].tolist() if top else [],
-        )
-        for j in range(n - 1)
-    ]
+    chosen = logp.gather(1, torch.tensor(prompt[1:], device=logp.device)[:, None])
+    ranks = ((logp > chosen).sum(-1) + 1).tolist()
+    if top:
+        alternatives = logp.topk(top, dim=-1)
+        ids, values = alternatives.indices.tolist(), alternatives.values.tolist()
+    else:
+        ids = values = [[] for _ in range(n - 1)]
+    return list(zip(chosen.squeeze(1).tolist(), ranks, ids, values, strict=True))
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -309,7 +304,7 @@ def choose_tokens(rows: Sequence[Row], logits: torch.Tensor) -> torch.Tensor:
 def record_logprobs(rows: Sequence[Row], logits: torch.Tensor, tokens: torch.Tensor) -> None:
     """Append each chosen token's log-probability under the model (the raw logits, before
     temperature and top-p) to the rows that asked for them."""
-    wanted = [i for i, r in enumerate(rows) if r.spec.logprobs and r.spec.max_new_tokens and not r.done]
+    wanted = [i for i, r in enumerate(rows) if r.spec.logprobs and not r.done]
     if not wanted:
         return
     index = torch.tensor(wanted, device=logits.device)
@@ -386,6 +381,9 @@ class DecodeLoop:
         for row in joining:
             if row.spec.response_format is not None:
                 row.matcher = new_matcher(row.spec.response_format, self.tokenizer, logits.shape[-1])
+        for row in rows:
+            if not row.spec.max_new_tokens:  # a prompt scored only (OpenAI's echo with max_tokens 0)
+                row.finish = "length"
         matchers = [r.matcher for r in rows]
         choosing = logits
         if any(matchers):
@@ -395,14 +393,12 @@ class DecodeLoop:
                 # no token of this model's vocabulary continues the grammar: the row ends here
                 rows[i].finish = "length"
                 choosing[i] = logits[i]
+        # rows that ended above take no token (their draw is discarded)
         tokens = choose_tokens(rows, choosing)
         record_logprobs(rows, logits, tokens)
         self.batch.append(tokens)
         for row, token in zip(rows, tokens.tolist(), strict=True):
             if row.done:
-                continue
-            if not row.spec.max_new_tokens:  # a prompt scored only (OpenAI's echo with max_tokens 0)
-                row.finish = "length"
                 continue
             row.tokens.append(token)
             if row.matcher is not None:

@@ -454,7 +454,7 @@ def generation_app(
     ):
         """The answer to ``req``; ``echo``: the prompts' texts, to come before their completions."""
         groups, prompt_tokens = generated
-        top = getattr(req, "logprobs", None) or 0
+        top = 0 if chat else (req.logprobs or 0)  # the echoed prompt tokens' alternatives
         scored = req.prompt_logprobs is not None
         choices = [
             _choice(i * len(g) + j, c, chat, echo[i] if echo else None, top, scored and not chat)

@@ -55,11 +55,10 @@ def _split_echo(completion: Completion, prompt: str, prompt_tokens: int, keep_lo
     """An echoed choice (``echo: true``) of a one-prompt request cut back into the prompt's
     ``prompt_tokens`` scored tokens and the completion."""
     tokens = completion.logprobs or []
-    k = prompt_tokens
-    completion.prompt_logprobs = [PromptToken(t.token, t.logprob, t.top) for t in tokens[:k]]
+    completion.prompt_logprobs = [PromptToken(t.token, t.logprob, t.top) for t in tokens[:prompt_tokens]]
     completion.text = completion.text[len(prompt) :]
     if keep_logprobs:
-        completion.set_logprobs(tokens[k:])
+        completion.set_logprobs(tokens[prompt_tokens:])
     else:
         completion.logprobs = completion.mean_logprob = None
     return completion
