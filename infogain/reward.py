@@ -12,8 +12,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from core.rewards.answers import extract_answer
 from core.rewards.base import RewardSample, count_failure, mark_unscored, references
-from core.rewards.builtin import extract_answer, normalize_answer
+from core.rewards.builtin import normalize_answer
 from infogain.protocols import InfoGainScorer
 
 _INFORMATION = re.compile(r"<information>(.*?)</information>", re.DOTALL | re.IGNORECASE)

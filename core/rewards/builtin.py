@@ -6,9 +6,9 @@ import re
 import string
 from collections.abc import Sequence
 
+from core.rewards.answers import check_extraction, extract_answer
 from core.rewards.base import RewardSample, references
 
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
@@ -24,21 +24,25 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-def extract_answer(completion: str) -> str:
-    """The last ``<answer>…</answer>`` block when there is one, else the whole completion."""
-    found = _ANSWER_TAG.findall(completion)
-    return found[-1] if found else completion
-
-
 class ExactMatch:
-    """1.0 when the (extracted, normalised) answer equals any normalised reference, else 0.0."""
+    """1.0 when the (extracted, normalised) answer equals any normalised reference, else 0.0.
+
+    ``extract`` says where the completion's answer is (``core.rewards.answers``: ``tags``,
+    ``boxed``, ``gsm8k`` or ``none``).
+
+    >>> ExactMatch("gsm8k")([RewardSample("3 + 4 = 7\\n#### 7", ground_truth="7")])
+    [1.0]
+    """
 
     name = "exact_match"
+
+    def __init__(self, extract: str = "tags"):
+        self.extract = check_extraction(extract)
 
     def __call__(self, samples: Sequence[RewardSample]) -> list[float]:
         scores = []
         for s in samples:
-            answer = normalize_answer(extract_answer(s.completion))
+            answer = normalize_answer(extract_answer(s.completion, self.extract))
             scores.append(float(any(answer == normalize_answer(r) for r in references(s.ground_truth))))
         return scores
 
