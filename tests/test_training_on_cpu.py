@@ -21,8 +21,10 @@ SMOKE = "experiment=smoke"
 FAST = [SMOKE, "logger=none", "trainer.max_steps=3", "trainer.save_strategy=no"]
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def metrics(run_dir: Path, key: str = "reward/total") -> list[dict]:
+    """The rows of ``metrics.jsonl`` that have ``key``: training steps, or held-out evaluations
+    (``eval/reward/total``)."""
+    return [row for line in (run_dir / "metrics.jsonl").read_text().splitlines() if key in (row := json.loads(line))]
 
 
 def samples(run_dir: Path) -> list[dict]:
@@ -209,10 +211,16 @@ def test_multirun_of_four_jobs_writes_their_dirs_and_a_summary(tmp_path):
     jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "final.json").exists())
     assert [p.name for p in jobs] == ["0", "1", "2", "3"]
     assert json.loads((jobs[3] / "adapter" / "adapter_config.json").read_text())["r"] == 8
-    with open(tmp_path / "sweep_summary.csv") as f:
+    with open(tmp_path / "sweep_jobs.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and {r["setting"] for r in rows} == {"lora.r=4", "lora.r=8"}
     assert all(r["overrides"].startswith(("seed=1 lora.r=", "seed=2 lora.r=")) for r in rows)
+    with open(tmp_path / "sweep_summary.csv") as f:
+        settings = {r["setting"]: r for r in csv.DictReader(f)}
+    assert set(settings) == {"lora.r=4", "lora.r=8"} and all(s["seeds"] == "2" for s in settings.values())
+    finals = [float(r["final_reward"]) for r in rows if r["setting"] == "lora.r=8"]
+    assert float(settings["lora.r=8"]["final_reward_mean"]) == pytest.approx(sum(finals) / 2)
+    assert float(settings["lora.r=8"]["final_reward_std"]) == pytest.approx(abs(finals[0] - finals[1]) / 2**0.5)
     assert (tmp_path / "sweep_summary.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -300,6 +308,7 @@ def test_cpu_training_uses_bf16_autocast_where_the_cpu_has_it(tmp_path, override
 def test_user_jsonl_and_parquet_load_into_the_standard_columns(tmp_path):
     from datasets import Dataset
 
+    from core.config_errors import ConfigError
     from core.training.datasets import from_files
 
     rows = [{"question": "Capital of Peru?", "answer": "Lima"}, {"question": "2+2?", "answer": ["4", "four"]}]
@@ -312,21 +321,9 @@ def test_user_jsonl_and_parquet_load_into_the_standard_columns(tmp_path):
     assert jsonl[1]["ground_truth"] == ["4", "four"] and jsonl[0]["extra_info"]["problem"] == "Capital of Peru?"
     parquet = from_files(str(tmp_path / "train.parquet"), prompt_key="question", answer_key="answer", as_chat=False)
     assert parquet[0]["prompt"] == "Capital of Peru?" and parquet[0]["ground_truth"] == ["Lima"]
-    with pytest.raises(KeyError, match="lacks 'prompt'"):
+    with pytest.raises(ConfigError, match="lacks 'prompt'"):
         from_files(str(tmp_path / "train.jsonl"))
-    run_in_process(
-        tmp_path / "run",
-        SMOKE,
-        "logger=none",
-        "reward=exact_match",
-        "trainer.max_steps=2",
-        "trainer.save_strategy=no",
-        "dataset=files",
-        f"dataset.path={tmp_path / 'train.jsonl'}",
-        "dataset.prompt_key=question",
-        "dataset.answer_key=answer",
-    )
-    assert {s["prompt"] for s in samples(tmp_path / "run")} <= {"Capital of Peru?", "2+2?"}
+    # training from a file: tests/test_math_datasets_on_cpu.py (a verl-format Parquet file)
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ from core.models.loading import build_causal_lm, check_gpus, device_for, load_to
 from core.rewards.base import as_text, trl_samples
 from core.rewards.protocols import RewardScorer
 from core.tasks import job_overrides
+from core.training.datasets import held_out_dataset
 from core.training.layout import (
     Layout,
     is_main_rank,
@@ -88,7 +89,8 @@ class RewardRecorder:
 
 
 class RunLog(TrainerCallback):
-    """Writes each logged step to metrics.jsonl, samples.jsonl and the tracker (rank 0 only)."""
+    """Writes each logged step to metrics.jsonl, samples.jsonl and the tracker (rank 0 only), and
+    each held-out evaluation to metrics.jsonl as a row of ``eval/reward/*`` keys."""
 
     def __init__(
         self, run_dir: Path, recorder: RewardRecorder, tracker, completions_per_step: int, samples_per_step: int = 4
@@ -98,7 +100,8 @@ class RunLog(TrainerCallback):
         self.recorder, self.tracker = recorder, tracker
         self.completions_per_step = completions_per_step
         self.samples_per_step = samples_per_step
-        self.rows: list[dict] = []
+        self.rows: list[dict] = []  # training steps
+        self.eval_rows: list[dict] = []  # held-out evaluations
         self.bar = None
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -114,7 +117,11 @@ class RunLog(TrainerCallback):
             self.bar.close()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "reward" not in logs:
+        if not state.is_world_process_zero or not logs:
+            return
+        if "eval_reward" in logs:
+            self._held_out_row(state.global_step, logs)
+        if "reward" not in logs:
             return
         names = self.recorder.names
         # wall-clock seconds since the epoch, so step times include everything between steps
@@ -137,6 +144,15 @@ class RunLog(TrainerCallback):
         if self.bar is not None:
             self.bar.set_postfix(reward=f"{row['reward/total']:.3f}", kl=f"{row['kl'] or 0:.2g}", refresh=False)
         self._write_samples(state.global_step, names)
+
+    def _held_out_row(self, step: int, logs: dict) -> None:
+        # TRL's evaluation loop on the held-out prompts: its means under eval_*, one row per evaluation
+        row = {"step": step, "time": round(time.time(), 3), "eval/reward/total": logs["eval_reward"]}
+        row.update({f"eval/reward/{n}": logs.get(f"eval_rewards/{n}/mean") for n in self.recorder.names})
+        self.eval_rows.append(row)
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.tracker.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=step)
 
     def _write_samples(self, step: int, names: list[str]) -> None:
         last = self.recorder.last
@@ -214,11 +230,21 @@ def lora_config(node: Mapping, task_type: str = "CAUSAL_LM"):
     )
 
 
-def grpo_args(cfg, run_dir: Path, layout: Layout, weights: list[float], deepspeed_file: Path | None):
-    """TRL's ``GRPOConfig``: the ``trainer:`` node (GRPOConfig's own names) plus what the run decides."""
+def wants_held_out(cfg) -> bool:
+    """Whether the ``trainer:`` node asks for TRL's evaluation loop (``eval_strategy`` not ``no``)."""
+    return str(cfg.trainer.get("eval_strategy") or "no") != "no"
+
+
+def grpo_args(
+    cfg, run_dir: Path, layout: Layout, weights: list[float], deepspeed_file: Path | None, held_out: bool = True
+):
+    """TRL's ``GRPOConfig``: the ``trainer:`` node (GRPOConfig's own names) plus what the run decides
+    (``held_out=False``: no evaluation loop, whatever the node says)."""
     from trl import GRPOConfig
 
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if not held_out:
+        trainer.update(eval_strategy="no", eval_on_start=False)
     if trainer.get("bf16") is None:
         trainer["bf16"] = layout.mixed_precision == "bf16"
     return GRPOConfig(
@@ -232,8 +258,8 @@ def grpo_args(cfg, run_dir: Path, layout: Layout, weights: list[float], deepspee
     )
 
 
-def plot_rewards(rows: list[dict], path: Path) -> None:
-    """Reward per step: the total and each component."""
+def plot_rewards(rows: list[dict], path: Path, eval_rows: list[dict] = ()) -> None:
+    """Reward per step: the total and each component; the held-out evaluations' total beside them."""
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in rows]
@@ -247,6 +273,15 @@ def plot_rewards(rows: list[dict], path: Path) -> None:
             markersize=3,
             linewidth=2.2 if key == "reward/total" else 1.2,
             label=key.split("/", 1)[1],
+        )
+    if eval_rows:
+        ax.plot(
+            [r["step"] for r in eval_rows],
+            [r["eval/reward/total"] for r in eval_rows],
+            "k--s",
+            linewidth=2,
+            markersize=5,
+            label="held-out total",
         )
     ax.set_xlabel("step")
     ax.set_ylabel("mean reward")
@@ -272,14 +307,16 @@ def run(cfg) -> dict:
         model = build_causal_lm(cfg.model, tokenizer, device_for(int(cfg.gpus)))
         return model, tokenizer, instantiate(cfg.dataset), instantiate(cfg.reward)
 
-    return train(cfg, build)
+    return train(cfg, build, lambda: held_out_dataset(cfg))
 
 
-def train(cfg, build) -> dict:
+def train(cfg, build, held_out=None) -> dict:
     """The GRPO + LoRA recipe around any policy. ``build()`` returns (model, processing class,
     train dataset, reward mix: a ``RewardScorer``); it runs only in a process that trains (with ``gpus > 1``, after
-    the relaunch under accelerate, on every rank). The rest of ``cfg``: ``trainer``, ``lora``,
-    ``resume``, ``checkpoints``, ``logger``, ``deepspeed``, ``gpus``, ``seed``."""
+    the relaunch under accelerate, on every rank). ``held_out()`` returns the prompts TRL's
+    evaluation loop scores when ``trainer.eval_strategy`` asks for it (or ``None``: no evaluation).
+    The rest of ``cfg``: ``trainer``, ``lora``, ``resume``, ``checkpoints``, ``logger``,
+    ``deepspeed``, ``gpus``, ``seed``."""
     # Hydra makes it for a CLI run, a caller from Python may not; either way a run that could not
     # save its checkpoints stops here, before the model loads.
     from trl import GRPOConfig, GRPOTrainer
@@ -297,8 +334,15 @@ def train(cfg, build) -> dict:
     deepspeed_file = write_deepspeed_file(layout, run_dir)  # every rank reads it: each writes the same
 
     model, processing_class, dataset, mix = build()
+    eval_dataset = held_out() if held_out is not None and wants_held_out(cfg) else None
+    if wants_held_out(cfg) and eval_dataset is None:
+        log.warning(
+            "trainer.eval_strategy=%s, but this dataset has no held-out split: no held-out evaluation "
+            "(dataset=files: held_out.path=<file>)",
+            cfg.trainer.eval_strategy,
+        )
     recorder = RewardRecorder(mix)
-    args = grpo_args(cfg, run_dir, layout, recorder.weights(), deepspeed_file)
+    args = grpo_args(cfg, run_dir, layout, recorder.weights(), deepspeed_file, held_out=eval_dataset is not None)
     tracker = open_tracker(cfg.logger, run_dir, cfg) if main_rank else NullTracker()
     run_log = RunLog(
         run_dir,
@@ -312,6 +356,7 @@ def train(cfg, build) -> dict:
         reward_funcs=recorder.reward_funcs(),
         args=args,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         processing_class=processing_class,
         peft_config=lora_config(cfg.lora),
         callbacks=[run_log],
@@ -323,14 +368,15 @@ def train(cfg, build) -> dict:
         trainer.save_model(str(run_dir / "adapter"))
         if not trainer.is_world_process_zero():
             return {}
-        return _finish(cfg, run_dir, run_log.rows, recorder.mix)
+        return _finish(cfg, run_dir, run_log, recorder.mix)
     finally:
         tracker.finish()
 
 
-def _finish(cfg, run_dir: Path, rows: list[dict], mix: RewardScorer) -> dict:
+def _finish(cfg, run_dir: Path, run_log: RunLog, mix: RewardScorer) -> dict:
+    rows, evals = run_log.rows, run_log.eval_rows
     if rows:
-        plot_rewards(rows, run_dir / "reward_curve.png")
+        plot_rewards(rows, run_dir / "reward_curve.png", evals)
     if cfg.checkpoints.cleanup_at_end:  # as the Lewis reference scripts, keep only the final adapter
         for checkpoint in (run_dir / "checkpoints").glob("checkpoint-*"):
             shutil.rmtree(checkpoint)
@@ -341,6 +387,8 @@ def _finish(cfg, run_dir: Path, rows: list[dict], mix: RewardScorer) -> dict:
         "final_reward": sum(r["reward/total"] for r in tail) / len(tail) if tail else None,
         "components": {k: v for k, v in (rows[-1] if rows else {}).items() if k.startswith("reward/")},
         "failures": mix.failures(),
+        # the first and last held-out evaluations (with eval_on_start, the first is the base model's)
+        "held_out": {"first": evals[0], "last": evals[-1]} if evals else None,
         "overrides": job_overrides(),
         "device": "cuda" if torch.cuda.is_available() and int(cfg.gpus) > 0 else "cpu",
     }
