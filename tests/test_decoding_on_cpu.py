@@ -158,3 +158,25 @@ def test_the_scheduler_answers_a_short_request_while_a_long_one_decodes(engine):
     assert [name for name, _, _ in finished] == ["short", "long"]
     (_, short_done, _), (_, long_done, long_tokens) = finished
     assert long_tokens == 400 and short_done < long_done  # it joined the running batch and left it
+
+
+@pytest.mark.parametrize("max_wait_ms", [0, 200])
+def test_requests_that_find_the_model_idle_wait_to_share_one_prefill(engine, max_wait_ms):
+    # four one-token requests arriving 20 ms apart (lm-eval's loglikelihood requests at
+    # num_concurrent=4): with a gather window they share one prefill, without it they do not
+    async def scenario():
+        admitted = []
+        scheduler = GenerationScheduler(engine, max_rows=8, on_admit=admitted.append, max_wait_ms=max_wait_ms)
+        ids = engine.token_ids(PROMPTS[:4])
+
+        async def ask(prompt, delay):
+            await asyncio.sleep(delay)
+            return await scheduler.submit([prompt], SamplingParams(temperature=0.0, max_tokens=1), None)
+
+        answers = await asyncio.gather(*(ask(p, 0.02 * i) for i, p in enumerate(ids)))
+        await scheduler.close()
+        return admitted, answers
+
+    admitted, answers = asyncio.run(scenario())
+    assert all(group[0].completion_tokens == 1 for (group,) in answers)
+    assert admitted == ([4] if max_wait_ms else [1, 1, 1, 1])

@@ -50,10 +50,16 @@ def test_tiny_policy_learns_a_learnable_reward(tmp_path):
 def test_quickstart_learns_on_smollm2_and_leaves_every_artefact(tmp_path):
     # The quickstart as users run it, cut from 24 to 16 steps to keep the suite short (the README
     # has the full runs and their times): the rise shows by then.
-    result = run_cli(f"hydra.run.dir={tmp_path}", "trainer.max_steps=16", "trainer.save_steps=8", timeout=900)
+    result = run_cli(
+        f"hydra.run.dir={tmp_path}", "trainer.max_steps=16", "trainer.save_steps=8", "trainer.eval_steps=8", timeout=900
+    )
     assert result.returncode == 0, result.stdout[-3000:]
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, 17))
+    # held-out prompts (the QA set's test split), before training and every 8 steps: the format transfers
+    held = metrics(tmp_path, "eval/reward/total")
+    assert [r["step"] for r in held] == [0, 8, 16]
+    assert held[-1]["eval/reward/format"] >= held[0]["eval/reward/format"] + 0.2, held
     rewards = [r["reward/total"] for r in rows]
     start, end = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert end >= start + 0.2, (start, end)
@@ -71,6 +77,10 @@ def test_quickstart_learns_on_smollm2_and_leaves_every_artefact(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-8"]
     assert list((tmp_path / "wandb").glob("offline-run-*"))
     assert json.loads((tmp_path / "final.json").read_text())["steps"] == 16
+    # the trained adapter against the base model, greedy, on 50 held-out prompts
+    summary = run_in_process(tmp_path / "eval", "eval=policy", f"policy_eval.adapter={tmp_path}")
+    assert summary["prompts"] == 50 and summary["max_new_tokens"] == 16
+    assert summary["scores"]["format"]["trained"] > summary["scores"]["format"]["base"], summary["scores"]
 
 
 def test_smoke_run_logs_every_reward_component(tmp_path, caplog):
@@ -194,33 +204,45 @@ def test_a_reward_server_killed_and_restarted_mid_run_is_picked_up_again(tmp_pat
 
 
 @pytest.mark.slow
-def test_multirun_of_four_jobs_writes_their_dirs_and_a_summary(tmp_path):
+def test_multirun_over_seeds_and_datasets_summarises_each_setting_over_its_seeds(tmp_path):
     result = run_cli(
         "-m",
         "seed=1,2",
-        "lora.r=4,8",
+        "dataset=synthetic_qa,champ",
         SMOKE,
         "reward=exact_match",
         "logger=none",
         "trainer.max_steps=2",
         "trainer.save_strategy=no",
+        # a held-out evaluation at the end of each job (4 prompts of the dataset's test split)
+        "trainer.eval_strategy=steps",
+        "trainer.eval_steps=2",
+        "trainer.per_device_eval_batch_size=4",
+        "held_out.limit=4",
         f"hydra.sweep.dir={tmp_path}",
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:]
     jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "final.json").exists())
     assert [p.name for p in jobs] == ["0", "1", "2", "3"]
-    assert json.loads((jobs[3] / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    from core.training.datasets import champ
+
+    trained_on = {json.loads(line)["prompt"] for line in (jobs[1] / "samples.jsonl").read_text().splitlines()}
+    assert trained_on <= {row["problem"] for row in champ()["extra_info"]}  # job 1: seed=1 dataset=champ
     with open(tmp_path / "sweep_jobs.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and {r["setting"] for r in rows} == {"lora.r=4", "lora.r=8"}
-    assert all(r["overrides"].startswith(("seed=1 lora.r=", "seed=2 lora.r=")) for r in rows)
+    assert {r["setting"] for r in rows} == {"dataset=synthetic_qa", "dataset=champ"}
+    assert all(r["held_out_reward"] != "" for r in rows)
     with open(tmp_path / "sweep_summary.csv") as f:
         settings = {r["setting"]: r for r in csv.DictReader(f)}
-    assert set(settings) == {"lora.r=4", "lora.r=8"} and all(s["seeds"] == "2" for s in settings.values())
-    finals = [float(r["final_reward"]) for r in rows if r["setting"] == "lora.r=8"]
-    assert float(settings["lora.r=8"]["final_reward_mean"]) == pytest.approx(sum(finals) / 2)
-    assert float(settings["lora.r=8"]["final_reward_std"]) == pytest.approx(abs(finals[0] - finals[1]) / 2**0.5)
+    assert set(settings) == {"dataset=synthetic_qa", "dataset=champ"}
+    assert all(s["seeds"] == "2" for s in settings.values())
+    for setting, summary in settings.items():
+        finals = [float(r["final_reward"]) for r in rows if r["setting"] == setting]
+        held = [float(r["held_out_reward"]) for r in rows if r["setting"] == setting]
+        assert float(summary["final_reward_mean"]) == pytest.approx(sum(finals) / 2)
+        assert float(summary["final_reward_std"]) == pytest.approx(abs(finals[0] - finals[1]) / 2**0.5)
+        assert float(summary["held_out_reward_mean"]) == pytest.approx(sum(held) / 2)
     assert (tmp_path / "sweep_summary.png").read_bytes()[:4] == b"\x89PNG"
 
 

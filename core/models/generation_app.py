@@ -356,7 +356,7 @@ def generation_app(
     engine: GenerationEngine,
     settings: ServerSettings,
     max_batch_size: int = 32,
-    max_wait_ms: float = 10.0,
+    max_wait_ms: float = 5.0,
     default_max_tokens: int = 512,
     title: str = "generation",
     scheduling: Literal["iteration", "batch"] = "iteration",
@@ -364,7 +364,8 @@ def generation_app(
     """The OpenAI-compatible app serving ``engine``. ``app.state.generate(prompts, params, stop)``
     (``(completions per prompt, prompt tokens)``) lets a caller add routes over the same model
     calls (the judge's ``/judge``). ``max_batch_size``: rows decoded together; ``max_wait_ms``:
-    how long the whole-batch mode waits for more requests to merge."""
+    how long a request that finds the model idle waits for more to share its prefill (the
+    whole-batch mode: to merge)."""
     app = create_app(
         title,
         settings,
@@ -372,7 +373,7 @@ def generation_app(
         health=lambda: {"model": engine.name, "device": str(engine.device), "random_weights": engine.random_weights},
     )
     if scheduling == "iteration":
-        scheduler = GenerationScheduler(engine, max_batch_size, batch_metrics(app, max_batch_size))
+        scheduler = GenerationScheduler(engine, max_batch_size, batch_metrics(app, max_batch_size), max_wait_ms)
         app.state.shutdown_hooks.append(scheduler.close)
         decode = scheduler.submit
     elif scheduling == "batch":

@@ -6,6 +6,12 @@ steps, waiting requests join the running batch (up to the rows and token positio
 and rows that ended leave it, so a request starts at the next step and is answered as soon as
 its own rows end. Requests with different sampling settings share the batch (each row carries
 its own), and a seeded request draws from its own generator.
+
+When nothing is decoding, the first request to arrive waits up to ``max_wait_ms`` for others to
+share its prefill. On a CPU (and on a GPU at small batches) a forward costs about the same for
+one row as for several, since reading the weights dominates; clients that send many short
+requests at once (lm-eval's loglikelihood requests, a reward's scoring calls) otherwise reach an
+idle worker a few milliseconds apart and split into small prefills.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +39,7 @@ class _Request:
     stop: Sequence[str] | None
     prompts: int
     gone: threading.Event | None
+    arrived: float = field(default_factory=time.monotonic)
     rows: list = field(default_factory=list)
     open_rows: int = 0
 
@@ -59,12 +67,21 @@ class GenerationScheduler:
         max_rows: rows decoded together at most (the app's ``max_batch_size``).
         on_admit: called with the number of rows each time waiting rows join the batch
             (one prefill: the server counts it as a model call).
+        max_wait_ms: how long a request that finds nothing decoding waits for others to join
+            its prefill (0: none).
     """
 
-    def __init__(self, engine: GenerationEngine, max_rows: int, on_admit: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        engine: GenerationEngine,
+        max_rows: int,
+        on_admit: Callable[[int], None] | None = None,
+        max_wait_ms: float = 0.0,
+    ):
         self.engine = engine
         self.loop = engine.decode_loop(max_rows)
         self.on_admit = on_admit
+        self.max_wait = max_wait_ms / 1000
         self.steps = 0
         self._waiting: deque = deque()
         self._wake = threading.Condition()
@@ -108,6 +125,8 @@ class GenerationScheduler:
                     self._wake.wait()
                 if self._closed:
                     break
+                if not self.loop.batch.rows:
+                    self._gather()
                 self._forget_abandoned()
                 ready = deque(self.loop.admit(self._waiting))
             if not ready and not self.loop.batch:
@@ -130,6 +149,16 @@ class GenerationScheduler:
             {r.owner for r in self._waiting} | {r.owner for r in self.loop.batch.rows},
             RuntimeError("server is shutting down"),
         )
+
+    def _gather(self) -> None:
+        # called holding self._wake with nothing decoding: wait until the first waiting request
+        # has waited max_wait, or the batch is full (each submit notifies)
+        deadline = self._waiting[0].owner.arrived + self.max_wait
+        while not self._closed and len(self._waiting) < self.loop.max_rows:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._wake.wait(left)
 
     def _forget_abandoned(self) -> None:
         # rows nobody waits for leave the queue and the batch; their request gets Abandoned
