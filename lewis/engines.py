@@ -36,12 +36,13 @@ def parse_description(text: str) -> dict:
 class _VLMPlayer:
     """A VLM with its processor, behind one lock (one model call at a time)."""
 
-    def __init__(self, model: Mapping, gpus: int, image_roots: Sequence[str]):
+    def __init__(self, model: Mapping, gpus: int, image_roots: Sequence[str], checkpoint: str | None = None):
         self.device = device_for(gpus)
-        self.random_weights = has_random_weights(model, type(self).__name__.removesuffix("Engine").lower())
+        role = type(self).__name__.removesuffix("Engine").lower()
+        self.random_weights = not checkpoint and has_random_weights(model, role)
         self.processor = load_processor(model)
         self.processor.image_processor = ImagePatchCache(self.processor.image_processor)
-        self.model = build_vlm(model, self.processor, self.device)
+        self.model = build_vlm(model, self.processor, self.device, checkpoint)
         self.images = ImageStore(image_roots)
         self.model_calls = 0
         self._lock = threading.Lock()
@@ -72,6 +73,7 @@ class ListenerEngine(_VLMPlayer):
         yes_token / no_token: the answer words whose logits are compared.
         max_candidates, max_question_chars: per-item limits, refused (400) before any image is read.
         max_pairs: (image, question) pairs one request may ask for, over all its items.
+        checkpoint: a warm-up's checkpoint folder (``lewis.listener_checkpoint``) loaded over ``model``.
     """
 
     def __init__(
@@ -85,8 +87,9 @@ class ListenerEngine(_VLMPlayer):
         max_candidates: int = 64,
         max_question_chars: int = 4000,
         max_pairs: int = 1024,
+        checkpoint: str | None = None,
     ):
-        super().__init__(model, gpus, image_roots)
+        super().__init__(model, gpus, image_roots, checkpoint)
         self.batch_size = max(1, int(batch_size))
         self.limits = (int(max_candidates), int(max_question_chars))
         self.max_pairs = int(max_pairs)
@@ -162,7 +165,8 @@ class SpeakerEngine(_VLMPlayer):
     """Writes ``<thinking>…</thinking><coarse>…</coarse><detailed>…</detailed>`` for a target image.
 
     Args:
-        model: a VLM config node; prompt: the instruction; max_new_tokens, temperature (0 = greedy).
+        model: a VLM config node; prompt: the instruction; max_new_tokens, temperature (0 = greedy);
+        checkpoint: a warm-up's checkpoint folder (``lewis.speaker_checkpoint``) loaded over ``model``.
     """
 
     def __init__(
@@ -175,8 +179,9 @@ class SpeakerEngine(_VLMPlayer):
         temperature: float = 0.7,
         batch_size: int = 8,
         max_prompt_chars: int = 4000,
+        checkpoint: str | None = None,
     ):
-        super().__init__(model, gpus, image_roots)
+        super().__init__(model, gpus, image_roots, checkpoint)
         self.prompt, self.max_new_tokens, self.temperature = prompt, max_new_tokens, temperature
         self.max_prompt_chars = int(max_prompt_chars)
         self.batch_size = max(1, int(batch_size))

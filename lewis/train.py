@@ -64,16 +64,17 @@ def descriptions_for(games: list[dict], speaker: Speaker | None) -> list[str]:
     return [spoken_description(r["text"]) for r in speaker.batch_describe(batch)["results"]]
 
 
-def _policy(cfg):
+def _policy(cfg, checkpoint: str | None):
+    """The player GRPO trains: ``cfg.vlm``, or a warm-up's checkpoint of it."""
     processor = load_processor(cfg.vlm)
-    return build_vlm(cfg.vlm, processor, device_for(int(cfg.gpus))), processor
+    return build_vlm(cfg.vlm, processor, device_for(int(cfg.gpus)), checkpoint), processor
 
 
 def run_speaker(cfg) -> dict:
     """Entry point of ``python run.py train=speaker [listener=remote]``."""
 
     def build():
-        model, processor = _policy(cfg)
+        model, processor = _policy(cfg, cfg.lewis.get("speaker_checkpoint"))
         return model, processor, speaker_rows(instantiate(cfg.dataset)), instantiate(cfg.reward)
 
     return train(cfg, build)
@@ -86,7 +87,7 @@ def run_listener(cfg) -> dict:
         games = instantiate(cfg.dataset)
         speaker = instantiate(cfg.speaker) if cfg.get("speaker") else None
         rows = listener_rows(games, descriptions_for(games, speaker))
-        model, processor = _policy(cfg)
+        model, processor = _policy(cfg, cfg.lewis.get("listener_checkpoint"))
         return model, processor, rows, instantiate(cfg.reward)
 
     return train(cfg, build)

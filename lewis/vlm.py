@@ -13,7 +13,9 @@ A model config node (``conf/vlm/*.yaml``)::
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -21,6 +23,9 @@ from core.models.loading import load_kwargs, model_path, packaged_tokenizer
 from core.rewards.cache import LRUCache
 
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+# The speaker's tags, one token each in the tiny vocabulary: WordPiece would split "<coarse>" into
+# three pieces and decode them with spaces between ("< coarse >"), which no tag parser reads.
+TAG_TOKENS = [f"<{slash}{tag}>" for tag in ("thinking", "coarse", "detailed") for slash in ("", "/")]
 
 # Qwen2-VL's chat layout for the tiny tokenizer: an image content item becomes the vision block
 # the processor expands to one pad token per merged patch.
@@ -91,18 +96,27 @@ def _image_only_processor_class():
 
 
 def _tiny_processor(model_cfg: Mapping):
+    from tokenizers import processors
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tok = copy.deepcopy(packaged_tokenizer())
     tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS + ["<|im_start|>", "<|im_end|>"]})
+    tok.add_tokens(TAG_TOKENS)  # not special: a decoded reply keeps them
     tok.pad_token = "[PAD]"
+    tok.eos_token = "<|im_end|>"  # a reply ends with its turn, as Qwen2-VL's do
+    # No [CLS] ... [SEP] around the text, as Qwen2-VL's tokenizer adds none: the chat template
+    # lays the turns out, and the listener's answer position stays the generation prompt's end.
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B", special_tokens=[])
     tok.padding_side = "left"
     tok.chat_template = VL_CHAT_TEMPLATE
-    pixels = {
-        "min_pixels": int(model_cfg.get("min_pixels", 3136)),
-        "max_pixels": int(model_cfg.get("max_pixels", 3136)),
-    }
-    images = Qwen2VLImageProcessorPil(**pixels)
+    vision = (model_cfg.get("tiny") or {}).get("vision") or {}
+    images = Qwen2VLImageProcessorPil(
+        min_pixels=int(model_cfg.get("min_pixels", 3136)),
+        max_pixels=int(model_cfg.get("max_pixels", 3136)),
+        # the vision tower's own patching (a smaller patch sees the shapes in small images)
+        **{k: int(vision[k]) for k in ("patch_size", "temporal_patch_size") if k in vision},
+        **({"merge_size": int(vision["spatial_merge_size"])} if "spatial_merge_size" in vision else {}),
+    )
     return _image_only_processor_class()(image_processor=images, tokenizer=tok, chat_template=VL_CHAT_TEMPLATE)
 
 
@@ -118,14 +132,43 @@ def load_processor(model_cfg: Mapping):
     return processor
 
 
-def build_vlm(model_cfg: Mapping, processor, device: torch.device):
-    """Qwen2-VL from ``name_or_path``, or a tiny random one whose vocabulary matches ``processor``."""
-    from transformers import AutoModelForImageTextToText, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+def build_vlm(model_cfg: Mapping, processor, device: torch.device, checkpoint: str | None = None):
+    """Qwen2-VL from ``name_or_path``, or a tiny random one whose vocabulary matches ``processor``;
+    with ``checkpoint``, what a warm-up (``lewis.warmup``) or GRPO saved there instead: the whole
+    model (a tiny one trained from scratch), or a LoRA adapter merged into its base: the local
+    model folder the adapter was trained on when it names one (GRPO on a warmed-up tiny model),
+    else the configured model."""
+    from transformers import AutoModelForImageTextToText
 
-    if model_cfg.get("name_or_path"):
+    folder = Path(checkpoint).expanduser() if checkpoint else None
+    if folder is not None and not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint {folder} not found (a warm-up's <run dir>/checkpoint)")
+    adapter = folder is not None and (folder / "adapter_config.json").is_file()
+    base = _adapter_base(folder) if adapter else folder
+    if base is not None:
+        model = AutoModelForImageTextToText.from_pretrained(str(base), **load_kwargs(model_cfg, device))
+    elif model_cfg.get("name_or_path"):
         model = AutoModelForImageTextToText.from_pretrained(model_path(model_cfg), **load_kwargs(model_cfg, device))
-        return model.to(device).eval()
+    else:
+        model = _tiny_vlm(model_cfg, processor)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    return model.to(device).eval()
+
+
+def _adapter_base(folder: Path) -> Path | None:
+    """The local model folder a PEFT adapter names as its base (``base_model_name_or_path``), if any;
+    a hub id is left to the model config, which maps it to local weights."""
+    named = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base = Path(named).expanduser() if named else None
+    return base if base is not None and (base / "config.json").is_file() else None
+
+
+def _tiny_vlm(model_cfg: Mapping, processor):
     from omegaconf import OmegaConf
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     tok = processor.tokenizer
     tiny = model_cfg.get("tiny") or {}
@@ -150,4 +193,4 @@ def build_vlm(model_cfg: Mapping, processor, device: torch.device):
     model = Qwen2VLForConditionalGeneration(config)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
-    return model.to(device).eval()
+    return model

@@ -106,7 +106,8 @@ def test_help_lists_the_groups():
     for group in ("service", "model", "judge", "embedder", "reward", "logger", "check", "launch", "experiment"):
         assert f"{group}:" in out
     assert "service: embedding, infogain, listener, llm_judge, policy, reward, speaker, value" in out
-    assert "train: grpo, listener, speaker" in out and "vlm: qwen2-vl-2b, qwen2-vl-7b, tiny_vl" in out
+    assert "train: grpo, lewis_game, listener, listener_warmup, speaker, speaker_warmup" in out
+    assert "vlm: qwen2-vl-2b, qwen2-vl-7b, small_vl, tiny_vl" in out
     assert "Examples" in out and "python run.py experiment=smoke" in out  # what to run, not the raw config
     assert "trainer:" not in out
 
