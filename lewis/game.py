@@ -43,6 +43,7 @@ def _forwarded() -> list[str]:
 
     hc = HydraConfig.get()
     own = ("train=", "experiment=", "hydra.", "paths.", "game.", "+game.")
+    own += tuple(f"{g}=" for g in SHARED_GROUPS)  # passed on as chosen, once
     choices = [f"{g}={hc.runtime.choices[g]}" for g in SHARED_GROUPS if hc.runtime.choices.get(g)]
     return choices + [o for o in hc.overrides.task if not o.startswith(own)]
 
