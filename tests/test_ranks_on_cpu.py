@@ -153,9 +153,9 @@ def test_a_rank_that_dies_ends_the_whole_job_with_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_two_speaker_ranks_ask_the_served_listener_each_question_once(tmp_path):
-    # 4 games over 4 steps on 2 ranks: 8 prompts, 4 distinct (description, candidates) questions
-    # (learning rate 0 and near-greedy sampling keep each game's description fixed). Each is asked
-    # once across both ranks: a rank learns the other's answers from the all-gather (6 asked without it).
+    # 2 training games over 4 steps on 2 ranks: 8 prompts, each game played on both ranks (learning
+    # rate 0 and greedy sampling keep each game's description fixed). Each question is asked once
+    # across both ranks: a rank learns the other's answers from the all-gather (twice without it).
     shapes = tmp_path / "shapes"
     with LocalServer(tmp_path, "service=listener", f"lewis.shapes_root={shapes}") as listener:
         run = tmp_path / "speaker"
@@ -169,9 +169,11 @@ def test_two_speaker_ranks_ask_the_served_listener_each_question_once(tmp_path):
             "logger=none",
             "trainer.max_steps=4",
             "trainer.learning_rate=0",
-            "trainer.temperature=0.001",
+            "trainer.temperature=1e-5",
         ]
         finish(launch(run, *overrides), run)
-        assert listener.metric('listener_requests_total{route="/batch_score",status="200"}') == 4
+        requests = listener.metric('listener_requests_total{route="/batch_score",status="200"}')
     asked = rows(run / "lewis_predictions.jsonl")  # rank 0's games, with the listener's choices
     assert len(asked) == 4 * 4 and all(r["error"] is None and r["predicted_index"] is not None for r in asked)
+    questions = {(r["description"], r["target_index"]) for r in asked}
+    assert len(questions) == 2 and requests == len(questions)  # both games reached rank 0; each asked once
