@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 from core.config_errors import JobFailed, check_writable_dir
 from core.serving.local_server import ROOT, LocalServer
+from lewis.warmup import evaluate_speaker
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,10 @@ def run_game(cfg) -> dict:
     else:
         _run_stage("speaker", run_dir / "speaker", [*grpo, f"listener.batch_size={pairs}"])
     summary["speaker_grpo"] = grpo_accuracy(run_dir / "speaker" / "metrics.jsonl")
-    summary["speaker_after_grpo"] = _speaker_after_grpo(cfg, run_dir / "speaker" / "adapter", listener_ck)
+    adapter = str(run_dir / "speaker" / "adapter")
+    summary["speaker_after_grpo"] = evaluate_speaker(
+        cfg, adapter, str(listener_ck), cfg.game.eval_games, cfg.game.temperature
+    )
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (run_dir / "game.json").write_text(json.dumps(summary, indent=2))
     log.info("Lewis game: %s", json.dumps({k: v for k, v in summary.items() if k != "speaker_warmup"}))
@@ -124,16 +128,3 @@ def grpo_accuracy(metrics: Path, window: int = 5) -> dict:
         "last": sum(last) / len(last),
         "curve": accuracy,
     }
-
-
-def _speaker_after_grpo(cfg, adapter: Path, listener_ck: Path) -> dict:
-    from lewis.engines import ListenerEngine, SpeakerEngine
-    from lewis.warmup import held_out_games, speaker_report
-
-    roots, gpus = cfg.lewis.image_roots, int(cfg.gpus)
-    temperature = float(cfg.game.temperature)
-    speaker = SpeakerEngine(
-        cfg.vlm, gpus, roots, max_new_tokens=48, temperature=temperature, batch_size=32, checkpoint=str(adapter)
-    )
-    listener = ListenerEngine(cfg.vlm, gpus, batch_size=32, image_roots=roots, checkpoint=str(listener_ck))
-    return speaker_report(speaker, held_out_games(cfg.dataset, cfg.game.eval_games), listener)

@@ -136,15 +136,14 @@ class ChatCollator:
         side, tok.padding_side = tok.padding_side, "left"
         try:
             enc = self.processor(text=full, images=images, return_tensors="pt", padding=True)
-            prompt_tokens = tok(prompts, padding=True, return_tensors="pt")["attention_mask"].sum(1)
-            # the processor expands each image into its patch tokens; the text alone does not
-            prompt_tokens += enc["attention_mask"].sum(1) - tok(full, padding=True, return_tensors="pt")[
-                "attention_mask"
-            ].sum(1)
+            # the answer is what the whole turn has beyond the prompt (each image's patch tokens,
+            # which the processor adds, are in both)
+            answer_tokens = tok(full, padding=True, return_tensors="pt")["attention_mask"].sum(1) - tok(
+                prompts, padding=True, return_tensors="pt"
+            )["attention_mask"].sum(1)
         finally:
             tok.padding_side = side
         enc.pop("token_type_ids", None)
-        answer_tokens = enc["attention_mask"].sum(1) - prompt_tokens
         labels = enc["input_ids"].clone()
         columns = torch.arange(labels.shape[1])[None]
         labels[columns < labels.shape[1] - answer_tokens[:, None]] = -100
@@ -249,9 +248,7 @@ def run_listener_warmup(cfg) -> dict:
     examples = listener_examples(games) + caption_examples(games, int(cfg.warmup.get("captions") or 0))
     checkpoint, losses = train_player(cfg, examples, run_dir)
     seconds = time.perf_counter() - started
-    listener = ListenerEngine(
-        cfg.vlm, int(cfg.gpus), batch_size=32, image_roots=cfg.lewis.image_roots, checkpoint=str(checkpoint)
-    )
+    listener = _listener(cfg, str(checkpoint))
     test = held_out_games(cfg.dataset, cfg.warmup.eval_games)
     result = {
         "checkpoint": str(checkpoint),
@@ -283,6 +280,29 @@ def speaker_report(speaker, games: Sequence[Mapping], listener=None) -> dict:
     return report
 
 
+def _listener(cfg, checkpoint: str) -> ListenerEngine:
+    return ListenerEngine(
+        cfg.vlm, int(cfg.gpus), batch_size=32, image_roots=cfg.lewis.image_roots, checkpoint=checkpoint
+    )
+
+
+def evaluate_speaker(cfg, checkpoint: str, listener_checkpoint: str | None, games: int, temperature: float) -> dict:
+    """``speaker_report`` of the speaker at ``checkpoint`` (a warm-up's model or a GRPO adapter) on
+    the first ``games`` test games, sampled at ``temperature``, with the listener at
+    ``listener_checkpoint`` when one is given."""
+    speaker = SpeakerEngine(
+        cfg.vlm,
+        int(cfg.gpus),
+        cfg.lewis.image_roots,
+        max_new_tokens=48,
+        temperature=temperature,
+        batch_size=32,
+        checkpoint=checkpoint,
+    )
+    listener = _listener(cfg, listener_checkpoint) if listener_checkpoint else None
+    return speaker_report(speaker, held_out_games(cfg.dataset, games), listener)
+
+
 def run_speaker_warmup(cfg) -> dict:
     """Entry point of ``python run.py train=speaker_warmup``: the speaker's tagged-description
     warm-up, then its descriptions of the test targets (``speaker_warmup.json``; the listener's
@@ -292,28 +312,11 @@ def run_speaker_warmup(cfg) -> dict:
     examples = speaker_examples(instantiate(cfg.dataset), cfg.warmup.get("omit") or {}, int(cfg.seed))
     checkpoint, losses = train_player(cfg, examples, run_dir)
     seconds = time.perf_counter() - started
-    roots = cfg.lewis.image_roots
     temperature = float(cfg.warmup.get("temperature", 1.0))
-    speaker = SpeakerEngine(
-        cfg.vlm,
-        int(cfg.gpus),
-        roots,
-        max_new_tokens=48,
-        temperature=temperature,
-        batch_size=32,
-        checkpoint=str(checkpoint),
+    test = evaluate_speaker(
+        cfg, str(checkpoint), cfg.lewis.get("listener_checkpoint"), cfg.warmup.eval_games, temperature
     )
-    listener = None
-    if cfg.lewis.get("listener_checkpoint"):
-        listener = ListenerEngine(
-            cfg.vlm, int(cfg.gpus), batch_size=32, image_roots=roots, checkpoint=cfg.lewis.listener_checkpoint
-        )
-    result = {
-        "checkpoint": str(checkpoint),
-        "train_seconds": round(seconds, 1),
-        "test": speaker_report(speaker, held_out_games(cfg.dataset, cfg.warmup.eval_games), listener),
-        "losses": losses,
-    }
+    result = {"checkpoint": str(checkpoint), "train_seconds": round(seconds, 1), "test": test, "losses": losses}
     (run_dir / "speaker_warmup.json").write_text(json.dumps(result, indent=2))
     log.info("speaker warm-up in %.0f s: %s", seconds, {k: v for k, v in result["test"].items() if k != "examples"})
     return result
