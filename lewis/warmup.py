@@ -38,6 +38,7 @@ from core.models.loading import device_for
 from lewis.engines import SPEAKER_PROMPT, ListenerEngine, SpeakerEngine, parse_description
 from lewis.images import read_image
 from lewis.rewards import QUESTION, spoken_description
+from lewis.vision_warmup import AttributeProbe, ImageCollator, attribute_classes, target_examples
 from lewis.vlm import build_vlm, load_processor
 
 log = logging.getLogger(__name__)
@@ -59,13 +60,14 @@ def speaker_reply(description: str) -> str:
 
 def omit_attributes(game: Mapping, omit: Mapping[str, float], rng: random.Random) -> str:
     """The game's description without, for each attribute in ``omit``, its value (with that
-    probability): "a teal rectangle" -> "a rectangle". What is left is never wrong, so the speaker
-    still learns to see the value from the other examples, and learns to leave it out as often."""
+    probability): "a teal rectangle" -> "a rectangle" (colour) or "a teal" (shape). What is left
+    is never wrong, so the speaker still learns to see the value from the other examples, and
+    learns to leave it out as often."""
     text = game["description"]
     for name, p in omit.items():
         value = (game.get("attributes") or {}).get(name)
         if isinstance(value, str) and rng.random() < float(p):
-            text = re.sub(rf"\b{re.escape(value)}\s+", "", text, count=1, flags=re.IGNORECASE)
+            text = re.sub(rf"\s*\b{re.escape(value)}\b", "", text, count=1, flags=re.IGNORECASE).strip()
     return text
 
 
@@ -163,10 +165,10 @@ def answer_loss(model, inputs: dict) -> torch.Tensor:
     )
 
 
-def _trainer_args(cfg, run_dir: Path):
+def _trainer_args(cfg, run_dir: Path, **overrides):
     from transformers import TrainingArguments
 
-    node = OmegaConf.to_container(cfg.warmup.trainer, resolve=True)
+    node = {**OmegaConf.to_container(cfg.warmup.trainer, resolve=True), **overrides}
     return TrainingArguments(
         output_dir=str(run_dir / "trainer"),
         **node,
@@ -178,10 +180,43 @@ def _trainer_args(cfg, run_dir: Path):
     )
 
 
-def train_player(cfg, examples: list[dict], run_dir: Path) -> tuple[Path, list[dict]]:
-    """Fine-tune ``cfg.vlm`` (or the checkpoint ``warmup.start_from``) on ``examples``; the model
-    (or LoRA adapter) is saved to ``run_dir/checkpoint``. Returns that folder and the logged
-    training losses."""
+def _losses(trainer) -> list[dict]:
+    return [{"step": r["step"], "loss": r["loss"]} for r in trainer.state.log_history if "loss" in r]
+
+
+def warm_up_vision(cfg, model, processor, games: Sequence[Mapping], run_dir: Path) -> dict | None:
+    """``lewis.vision_warmup`` on ``model`` in place, for ``warmup.vision.max_steps`` steps (the
+    rest of ``warmup.vision`` overrides ``warmup.trainer``), when the model starts from nothing
+    (no ``vlm.name_or_path``, no ``warmup.start_from``: a pretrained tower is left as it is) and
+    the games name attributes. Returns the losses and each attribute's accuracy on the targets
+    of the test games, or None when skipped."""
+    from transformers import Trainer
+
+    node = OmegaConf.to_container(cfg.warmup.get("vision") or OmegaConf.create({}), resolve=True)
+    classes = attribute_classes(games)
+    if int(node.get("max_steps", 0)) <= 0 or not classes or cfg.vlm.get("name_or_path") or cfg.warmup.get("start_from"):
+        return None
+    started = time.perf_counter()
+    probe = AttributeProbe(model, classes)
+    collator = ImageCollator(processor.image_processor)
+    trainer = Trainer(
+        model=probe,
+        args=_trainer_args(cfg, run_dir / "vision", **node),
+        train_dataset=target_examples(games, classes),
+        data_collator=collator,
+    )
+    trainer.train()
+    test = target_examples(held_out_games(cfg.dataset, cfg.warmup.eval_games), classes)
+    accuracy = probe.eval().accuracy(collator(test[i : i + 64]) for i in range(0, len(test), 64))
+    log.info("vision warm-up: test accuracy %s", accuracy)
+    model.train()
+    return {"test_accuracy": accuracy, "seconds": round(time.perf_counter() - started, 1), "losses": _losses(trainer)}
+
+
+def train_player(cfg, examples: list[dict], run_dir: Path, games: Sequence[Mapping] = ()) -> tuple[Path, dict]:
+    """Fine-tune ``cfg.vlm`` (or the checkpoint ``warmup.start_from``) on ``examples``, after the
+    vision warm-up on ``games`` (``warm_up_vision``); the model (or LoRA adapter) is saved to
+    ``run_dir/checkpoint``. Returns that folder and the training log (losses, vision warm-up)."""
     from transformers import Trainer
 
     from core.training.grpo import lora_config
@@ -192,6 +227,7 @@ def train_player(cfg, examples: list[dict], run_dir: Path) -> tuple[Path, list[d
 
     processor = load_processor(cfg.vlm)
     model = build_vlm(cfg.vlm, processor, device_for(int(cfg.gpus)), cfg.warmup.get("start_from")).train()
+    vision = warm_up_vision(cfg, model, processor, games, run_dir)
     if cfg.warmup.get("lora"):
         from peft import get_peft_model
 
@@ -205,8 +241,7 @@ def train_player(cfg, examples: list[dict], run_dir: Path) -> tuple[Path, list[d
     trainer.train()
     checkpoint = run_dir / "checkpoint"
     trainer.save_model(str(checkpoint))
-    losses = [{"step": r["step"], "loss": r["loss"]} for r in trainer.state.log_history if "loss" in r]
-    return checkpoint, losses
+    return checkpoint, {"losses": _losses(trainer), "vision_warmup": vision}
 
 
 def listener_accuracy(listener, games: Sequence[Mapping], question: str = QUESTION) -> float:
@@ -246,7 +281,7 @@ def run_listener_warmup(cfg) -> dict:
     started = time.perf_counter()
     games = instantiate(cfg.dataset)
     examples = listener_examples(games) + caption_examples(games, int(cfg.warmup.get("captions") or 0))
-    checkpoint, losses = train_player(cfg, examples, run_dir)
+    checkpoint, training = train_player(cfg, examples, run_dir, games)
     seconds = time.perf_counter() - started
     listener = _listener(cfg, str(checkpoint))
     test = held_out_games(cfg.dataset, cfg.warmup.eval_games)
@@ -257,7 +292,7 @@ def run_listener_warmup(cfg) -> dict:
         "chance": sum(1 / len(g["candidates"]) for g in test) / len(test),
         "train_accuracy": listener_accuracy(listener, games[: len(test)]),
         "train_seconds": round(seconds, 1),
-        "losses": losses,
+        **training,
     }
     (run_dir / "listener_warmup.json").write_text(json.dumps(result, indent=2))
     log.info("listener warm-up: %.1f%% of %d test games in %.0f s", 100 * result["test_accuracy"], len(test), seconds)
@@ -309,14 +344,15 @@ def run_speaker_warmup(cfg) -> dict:
     accuracy from them when ``lewis.listener_checkpoint`` is set)."""
     run_dir = check_writable_dir(cfg.paths.output_dir, "paths.output_dir")
     started = time.perf_counter()
-    examples = speaker_examples(instantiate(cfg.dataset), cfg.warmup.get("omit") or {}, int(cfg.seed))
-    checkpoint, losses = train_player(cfg, examples, run_dir)
+    games = instantiate(cfg.dataset)
+    examples = speaker_examples(games, cfg.warmup.get("omit") or {}, int(cfg.seed))
+    checkpoint, training = train_player(cfg, examples, run_dir, games)
     seconds = time.perf_counter() - started
     temperature = float(cfg.warmup.get("temperature", 1.0))
     test = evaluate_speaker(
         cfg, str(checkpoint), cfg.lewis.get("listener_checkpoint"), cfg.warmup.eval_games, temperature
     )
-    result = {"checkpoint": str(checkpoint), "train_seconds": round(seconds, 1), "test": test, "losses": losses}
+    result = {"checkpoint": str(checkpoint), "train_seconds": round(seconds, 1), "test": test, **training}
     (run_dir / "speaker_warmup.json").write_text(json.dumps(result, indent=2))
     log.info("speaker warm-up in %.0f s: %s", seconds, {k: v for k, v in result["test"].items() if k != "examples"})
     return result

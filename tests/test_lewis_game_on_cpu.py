@@ -69,6 +69,7 @@ def test_warmup_examples_balance_the_listener_and_leave_the_speaker_room(tmp_pat
     left_out = [s == f"a {g['attributes']['shape']}" for s, g in zip(said, games, strict=True)]
     assert 0.2 < sum(left_out) / len(games) < 0.8
     assert all(s == g["description"] for s, g, out in zip(said, games, left_out, strict=True) if not out)  # never wrong
+    assert omit_attributes(games[0], {"shape": 1.0, "colour": 1.0}, rng) == "a"  # the last word too
     assert speaker_reply("a red circle") == (
         "<thinking>a red circle</thinking><coarse>a red circle</coarse><detailed>A red circle.</detailed>"
     )
@@ -95,6 +96,38 @@ def test_the_collator_labels_the_answer_alone_and_the_loss_reads_it(tmp_path):
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
     assert loss == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_the_vision_warmup_teaches_the_tower_the_attributes(tmp_path):
+    """The probe's heads read what the tower learns: a few steps on 32 targets take the loss down
+    and the colours (which a tower from scratch learns first) well above chance."""
+    from lewis.vision_warmup import AttributeProbe, ImageCollator, attribute_classes, target_examples
+    from lewis.vlm import build_vlm, load_processor
+
+    games = easy_vqa(str(tmp_path), games=32, test_games=4, seed=0)
+    classes = attribute_classes(games)
+    assert set(classes) == {"shape", "colour"} and set(classes["shape"]) <= set(SHAPES)
+    odd = {**games[0], "attributes": {"shape": "hexagon", "colour": "red"}}
+    examples = target_examples([*games, odd], classes)
+    assert len(examples) == 32  # a value the classes lack is left out
+    assert attribute_classes([*games, {**games[0], "attributes": {}}]) == {}  # shared by every game only
+
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/vlm/small_vl.yaml"))
+    processor = load_processor(cfg)
+    torch.manual_seed(0)
+    probe = AttributeProbe(build_vlm(cfg, processor, torch.device("cpu")).train(), classes)
+    batch = ImageCollator(processor.image_processor)(examples)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = probe(**batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    accuracy = probe.eval().accuracy([batch])
+    assert losses[-1] < 0.5 * losses[0] and accuracy["colour"] >= 0.75, (losses[::10], accuracy)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in probe.vlm.model.visual.parameters())
 
 
 def test_players_load_a_warmup_checkpoint_and_a_grpo_adapter_trained_on_it(tmp_path):
@@ -163,8 +196,8 @@ def test_the_whole_game_runs_and_the_warmed_up_listener_sees(tmp_path):
         "dataset.test_games=60",
         "game.listener=remote",
         "game.eval_games=16",
-        'game.listener_warmup=["warmup.trainer.max_steps=400","warmup.eval_games=60"]',
-        'game.speaker_warmup=["warmup.trainer.max_steps=10","warmup.eval_games=8","warmup.omit={colour: 0.75}"]',
+        'game.listener_warmup=["warmup.vision.max_steps=600","warmup.trainer.max_steps=200","warmup.eval_games=60"]',
+        'game.speaker_warmup=["warmup.trainer.max_steps=10","warmup.eval_games=8"]',
         'game.speaker=["trainer.max_steps=2","trainer.per_device_train_batch_size=8","trainer.num_generations=4","trainer.max_completion_length=48"]',
         f"hydra.run.dir={run_dir}",
         timeout=600,
@@ -172,7 +205,7 @@ def test_the_whole_game_runs_and_the_warmed_up_listener_sees(tmp_path):
     assert run.returncode == 0, run.stdout[-4000:]
     summary = json.loads((run_dir / "game.json").read_text())
     listener = summary["listener"]
-    assert listener["test_games"] == 60 and listener["test_accuracy"] >= listener["chance"] + 0.12, listener
+    assert listener["test_games"] == 60 and listener["test_accuracy"] >= listener["chance"] + 0.2, listener
     assert summary["speaker_grpo"]["steps"] == 2 and set(summary["speaker_after_grpo"]["names"]) == {"shape", "colour"}
     predictions = [
         json.loads(line) for line in (run_dir / "speaker" / "lewis_predictions.jsonl").read_text().splitlines()
