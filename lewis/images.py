@@ -41,6 +41,15 @@ def read_image(path: str | Path) -> Image.Image:
     return open_image(Path(path).read_bytes(), str(path))
 
 
+class DecodedImages(dict):
+    """Local images by path, each decoded on first use and kept: a warm-up's collator shows the
+    same images every epoch, and decoding them again would cost more than the step's batching."""
+
+    def __missing__(self, path: str) -> Image.Image:
+        image = self[path] = read_image(path)
+        return image
+
+
 class ImageStore:
     """Opens images by path (only under ``roots``) or from data URIs, as RGB ``PIL`` images.
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from lewis.images import read_image
+from lewis.images import DecodedImages
 
 
 def attribute_classes(games: Sequence[Mapping]) -> dict[str, list[str]]:
@@ -82,12 +82,9 @@ class ImageCollator:
 
     def __init__(self, image_processor):
         self.image_processor = image_processor
-        self.images: dict[str, object] = {}  # decoded once: every step draws from the same targets
+        self.images = DecodedImages()
 
     def __call__(self, examples: Sequence[Mapping]) -> dict:
-        for e in examples:
-            if e["image"] not in self.images:
-                self.images[e["image"]] = read_image(e["image"])
         enc = self.image_processor([self.images[e["image"]] for e in examples], return_tensors="pt")
         return {
             "pixel_values": enc["pixel_values"],

@@ -36,7 +36,7 @@ from omegaconf import OmegaConf
 from core.config_errors import check_writable_dir
 from core.models.loading import device_for
 from lewis.engines import SPEAKER_PROMPT, ListenerEngine, SpeakerEngine, parse_description
-from lewis.images import read_image
+from lewis.images import DecodedImages
 from lewis.rewards import QUESTION, spoken_description
 from lewis.vision_warmup import AttributeProbe, ImageCollator, attribute_classes, target_examples
 from lewis.vlm import build_vlm, load_processor
@@ -116,15 +116,10 @@ class ChatCollator:
 
     def __init__(self, processor):
         self.processor = processor
-        self.images: dict[str, object] = {}  # decoded once: every epoch shows the same images
-
-    def _image(self, path: str):
-        if path not in self.images:
-            self.images[path] = read_image(path)
-        return self.images[path]
+        self.images = DecodedImages()
 
     def __call__(self, examples: Sequence[Mapping]) -> dict:
-        images = [self._image(e["image"]) for e in examples]
+        images = [self.images[e["image"]] for e in examples]
         users = [
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": e["prompt"]}]}] for e in examples
         ]
