@@ -352,11 +352,11 @@ def test_abandoned_requests_free_the_embedding_server(embedding_server):
     waited = time.monotonic() - started
     assert len(vectors) == 1 and len(vectors[0]) == 384
     assert waited < 4.0, waited
-    # None of the 16 was answered. Each that reached the app is counted as the client's leaving (499),
-    # the one cut off mid-call once its chunk ends; on a busy machine a client can give up before its
-    # request is read at all, which the app never sees, so at least one and at most 16.
+    # None of the 16 was answered, and each counts as the client's leaving (499), also one that left
+    # while its body was read (which FastAPI answers with a 400 no one reads) and the one cut off
+    # mid-call, once its chunk ends, which can be after the short request.
     deadline = time.monotonic() + 10
-    while embedding_server.metric(abandoned) == abandoned_before and time.monotonic() < deadline:
+    while embedding_server.metric(abandoned) - abandoned_before < 16 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert embedding_server.metric(answered) - answered_before == 1
-    assert 1 <= embedding_server.metric(abandoned) - abandoned_before <= 16
+    assert embedding_server.metric(abandoned) - abandoned_before == 16

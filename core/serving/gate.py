@@ -206,6 +206,9 @@ class RequestGate:
             if message["type"] != "http.request" or not message.get("more_body"):
                 body_read.set()
             if message["type"] == "http.disconnect":
+                # the client left while its body was read: FastAPI answers the cut-off body with a
+                # 400 no one reads, and the request counts as abandoned, not as a bad one
+                flag.set()
                 gone.set()
             return message
 
@@ -224,7 +227,7 @@ class RequestGate:
             watcher = asyncio.ensure_future(watch())
             try:
                 await served
-                return True
+                return not flag.is_set()
             except asyncio.CancelledError:
                 if flag.is_set():  # the client left: nothing to answer
                     return False
